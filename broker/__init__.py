@@ -1,0 +1,1 @@
+"""The broker side: routing, the wire contract, supervision, control socket and CLI."""

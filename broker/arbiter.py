@@ -1,0 +1,395 @@
+"""The arbiter: the process the user started. It starts, watches and stops every other process.
+
+It holds no INDI state and no ZeroMQ context, so there is almost nothing in it that can crash.
+Each child gets the read end of its own lifeline pipe: if the arbiter dies, even by SIGKILL, every
+worker sees EOF and exits with its drivers. The arbiter restarts crashed children with backoff,
+stops them in order (gateways, drivers, broker last: SIGTERM, wait, SIGKILL of the group), answers
+the control socket and, with `-f`, an indiserver-style FIFO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from indibroker.broker.config import MB, Config, DriverConfig, driver_name
+from indibroker.broker.control import ControlServer
+from indibroker.broker.fifo import FifoReader
+from indibroker.broker.oscalls import describe_exit, reap, signal_group, spawn
+from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, ENV_RUNTIME, RuntimeDir
+from indibroker.broker.supervision import Lifecycle, RestartPolicy
+
+__all__ = ["Arbiter", "Child"]
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 8.0
+# The backbone processes must always come back: quick, many restarts, never flapping to FATAL.
+WORKER_POLICY = RestartPolicy(max_restarts=1000, backoff_initial=0.2, backoff_max=5.0,
+                              stable_after=10.0, flap_max_exits=0)
+
+
+@dataclass
+class Child:
+    """One supervised worker process (or the broker)."""
+
+    name: str
+    role: str  # broker, gateway, exdriver
+    spec: dict[str, Any]
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(WORKER_POLICY))
+    proc: Any = None  # subprocess.Popen
+    lifeline: int = -1  # our write end of its lifeline pipe
+    started_wall: float | None = None
+    restart_at: float | None = None
+
+
+    def tell(self, command: dict[str, Any]) -> None:
+        if self.lifeline >= 0:
+            try:
+                os.write(self.lifeline, json.dumps(command).encode() + b"\n")
+            except OSError as exc:
+                log.warning("could not tell %s %s: %s", self.name, command.get("cmd"), exc)
+
+
+class Arbiter:
+    def __init__(self, config: Config, runtime: RuntimeDir):
+        self.config = config
+        self.runtime = runtime
+        self.children: list[Child] = []
+        self._sel = selectors.DefaultSelector()
+        self._signals: list[int] = []
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.control = ControlServer(runtime.control_path, self._command)
+        self.fifo: FifoReader | None = None
+        self._psutil_cache: dict[int, Any] = {}
+        self._build_children()
+
+    # -- the process tree -------------------------------------------------------------------
+    def _build_children(self) -> None:
+        cfg = self.config
+        self.children.append(Child("broker", "broker", {"name": "broker"}))
+        drivers = list(cfg.drivers)
+        if not drivers and cfg.demo and not cfg.fifo:
+            drivers.append(DriverConfig(argv=[sys.executable, "-m", "indibroker.workers.demo"],
+                                        name="demo"))
+        for i in range(max(1, cfg.gateways)):
+            self.children.append(Child(f"gateway-{i}", "gateway", {
+                "name": f"gateway-{i}", "host": cfg.host, "port": cfg.port,
+                "maxconnections": cfg.maxconnections,
+                "blob_drop_bytes": int(cfg.blob_drop_mb * MB),
+                "max_queue_bytes": int(cfg.client_max_mb * MB),
+                "max_element": int(cfg.client_max_element_mb * MB),
+            }))
+        groups = max(1, min(cfg.exdriver_workers, len(drivers)))
+        for i in range(groups if drivers else 0):
+            self._new_exdriver_worker(i)
+        for n, driver in enumerate(drivers):
+            worker = self._exdriver_workers()[n % groups]
+            worker.spec["drivers"].append(driver.to_spec(cfg))
+
+    def _exdriver_workers(self) -> list[Child]:
+        return [c for c in self.children if c.role == "exdriver"]
+
+    def _new_exdriver_worker(self, index: int) -> Child:
+        child = Child(f"exdriver-{index}", "exdriver", {
+            "name": f"exdriver-{index}", "drivers": [], "log_dir": self.config.log_dir,
+        })
+        self.children.append(child)
+        return child
+
+    def _start(self, child: Child) -> None:
+        child.restart_at = None
+        child.lifecycle.start()
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        env = {ENV_RUNTIME: str(self.runtime.path), ENV_LIFELINE: str(read_end),
+               ENV_LOGLEVEL: str(logging.getLevelName(self.config.log_level.upper()))}
+        try:
+            argv = [sys.executable, "-m", "indibroker.workers", child.role, json.dumps(child.spec)]
+            child.proc = spawn(argv, env=env, pass_fds=[read_end])
+        except OSError as exc:
+            os.close(read_end)
+            os.close(write_end)
+            log.error("cannot start %s: %s", child.name, exc)
+            self._exited(child, f"cannot start: {exc}")
+            return
+        os.close(read_end)
+        child.lifeline = write_end
+        child.started_wall = time.time()
+        child.lifecycle.spawned(time.monotonic())
+        log.info("%s started (pid %d)", child.name, child.proc.pid)
+
+    def _reap(self) -> None:
+        for child in self.children:
+            if child.proc is not None:
+                code = reap(child.proc)
+                if code is not None:
+                    self._exited(child, describe_exit(code))
+
+    def _exited(self, child: Child, how: str) -> None:
+        if child.lifeline >= 0:
+            os.close(child.lifeline)
+            child.lifeline = -1
+        pid = child.proc.pid if child.proc is not None else None
+        child.proc = None
+        if pid is not None:
+            signal_group(pid, signal.SIGKILL)  # anything left in its session goes with it
+            if child.role == "exdriver":
+                self._sweep_drivers(child)
+        decision = child.lifecycle.exited(time.monotonic(), how)
+        if self._stopping or decision.action == "stopped":
+            log.info("%s stopped (%s)", child.name, how)
+            return
+        if decision.action == "restart":
+            log.warning("%s exited (%s); restarting in %.1f s", child.name, how, decision.delay)
+            child.restart_at = time.monotonic() + decision.delay
+        else:
+            log.error("%s exited (%s); %s", child.name, how, decision.reason)
+
+    def _sweep_drivers(self, child: Child) -> None:
+        """A dead exdriver worker's drivers must not outlive it: kill their sessions."""
+        status = self.runtime.read_status().get(child.name, {})
+        for driver in status.get("drivers", []):
+            pid = driver.get("pid")
+            if isinstance(pid, int) and pid > 1:
+                if signal_group(pid, signal.SIGKILL):
+                    log.info("killed driver %s (pid %d) left by %s", driver.get("name"), pid, child.name)
+
+    def _restart_due(self) -> float | None:
+        """Start children whose backoff has passed; return seconds to the next one."""
+        now = time.monotonic()
+        nearest: float | None = None
+        for child in self.children:
+            if child.restart_at is None:
+                continue
+            if child.restart_at <= now:
+                self._start(child)
+                if child.role == "broker":
+                    # Workers would notice within a heartbeat; telling them makes it immediate.
+                    self._after(0.3, lambda: self._tell_all({"cmd": "hello"}))
+            else:
+                wait = child.restart_at - now
+                nearest = wait if nearest is None else min(nearest, wait)
+        return nearest
+
+    _deferred: list[tuple[float, Callable[[], None]]]
+
+    def _after(self, delay: float, callback: Callable[[], None]) -> None:
+        self._deferred.append((time.monotonic() + delay, callback))
+
+    def _tell_all(self, command: dict[str, Any]) -> None:
+        for child in self.children:
+            if child.role != "broker":
+                child.tell(command)
+
+    # -- stopping ---------------------------------------------------------------------------
+    def stop_all(self) -> None:
+        """Gateways first (no new work), then drivers, the broker last; SIGTERM, wait, SIGKILL."""
+        self._stopping = True
+        for roles in (("gateway",), ("exdriver", "pydriver", "remote"), ("broker",)):
+            group = [c for c in self.children if c.role in roles and c.proc is not None]
+            for child in group:
+                child.lifecycle.stop()
+                signal_group(child.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while group and time.monotonic() < deadline:
+                for child in list(group):
+                    if reap(child.proc) is not None:
+                        self._exited(child, "stopped")
+                        group.remove(child)
+                if group:
+                    time.sleep(0.05)
+            for child in group:
+                log.warning("%s did not stop in %.0f s: killing its process group", child.name, STOP_TIMEOUT)
+                signal_group(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+                self._exited(child, "killed")
+
+    # -- control commands -------------------------------------------------------------------
+    def _command(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "stop":
+            self._signals.append(signal.SIGTERM)
+            return {"ok": True}
+        if cmd == "driver":
+            return self._driver_command(request.get("action", ""), request.get("name", ""),
+                                        request.get("argv"), request.get("env") or {})
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _find_driver(self, name: str) -> tuple[Child, dict[str, Any]] | None:
+        for child in self._exdriver_workers():
+            for spec in child.spec["drivers"]:
+                if spec["name"] == name or os.path.basename(spec["argv"][0]) == name:
+                    return child, spec
+        return None
+
+    def _driver_command(self, action: str, name: str, argv: list[str] | None,
+                        env: dict[str, str]) -> dict[str, Any]:
+        found = self._find_driver(name) if name else None
+        if action == "start" and found is None:
+            if not argv:
+                return {"ok": False, "error": f"no driver named {name!r}"}
+            taken = {s["name"] for c in self._exdriver_workers() for s in c.spec["drivers"]}
+            config = DriverConfig(argv=list(argv), env=dict(env), name=name if name in env.values() else "")
+            config.name = config.name or driver_name(config.argv, config.env, taken)
+            spec = config.to_spec(self.config)
+            workers = self._exdriver_workers()
+            if not workers:
+                worker = self._new_exdriver_worker(0)
+                worker.spec["drivers"].append(spec)
+                self._start(worker)
+            else:
+                worker = min(workers, key=lambda c: len(c.spec["drivers"]))
+                worker.spec["drivers"].append(spec)
+                worker.tell({"cmd": "driver", "action": "add", "spec": spec})
+            return {"ok": True, "name": spec["name"]}
+        if found is None:
+            return {"ok": False, "error": f"no driver named {name!r}"}
+        worker, spec = found
+        if action not in ("start", "stop", "restart"):
+            return {"ok": False, "error": f"unknown driver action {action!r}"}
+        spec["stopped"] = action == "stop"
+        worker.tell({"cmd": "driver", "action": action, "name": spec["name"]})
+        return {"ok": True, "name": spec["name"]}
+
+    def status(self) -> list[dict[str, Any]]:
+        files = self.runtime.read_status()
+        rows: list[dict[str, Any]] = []
+        for child in self.children:
+            info = files.get(child.name, {})
+            row = self._row(child.name, child.role, child.proc.pid if child.proc else None,
+                            child.lifecycle, child.started_wall)
+            if child.role == "gateway":
+                row["clients"] = info.get("clients", 0)
+            if child.role == "broker":
+                row["devices"] = info.get("devices", [])
+            rows.append(row)
+            for driver in info.get("drivers", []) if child.role == "exdriver" else []:
+                rows.append({
+                    "role": "driver", "name": driver["name"], "pid": driver.get("pid"),
+                    "state": driver.get("state"), "restarts": driver.get("restarts", 0),
+                    "uptime": self._uptime(driver.get("started"), driver.get("pid")),
+                    **self._usage(driver.get("pid")), "devices": driver.get("devices", []),
+                    "worker": child.name, "last_exit": driver.get("last_exit", ""),
+                })
+        return rows
+
+    def _row(self, name: str, role: str, pid: int | None, lc: Lifecycle, started: float | None) -> dict:
+        return {"role": role, "name": name, "pid": pid, "state": lc.state.value,
+                "restarts": lc.restarts, "uptime": self._uptime(started, pid), **self._usage(pid),
+                "last_exit": lc.last_exit}
+
+    @staticmethod
+    def _uptime(started: float | None, pid: int | None) -> float | None:
+        return round(time.time() - started, 1) if started and pid else None
+
+    def _usage(self, pid: int | None) -> dict[str, Any]:
+        if not pid:
+            return {"cpu_percent": None, "rss": None}
+        import psutil  # only `status` needs it: keep it out of the arbiter's idle footprint
+
+        proc = self._psutil_cache.get(pid)
+        try:
+            if proc is None:
+                proc = self._psutil_cache[pid] = psutil.Process(pid)
+                proc.cpu_percent(None)  # the first reading is meaningless; primes the counter
+            return {"cpu_percent": proc.cpu_percent(None), "rss": proc.memory_info().rss}
+        except psutil.Error:
+            self._psutil_cache.pop(pid, None)
+            return {"cpu_percent": None, "rss": None}
+
+    # -- main loop --------------------------------------------------------------------------
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def run(self) -> int:
+        self._deferred = []
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(signum, self._record_signal)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.control.register(self._sel)
+        if self.config.fifo:
+            self.fifo = FifoReader(self.config.fifo, self._fifo_line)
+            self.fifo.register(self._sel)
+        for child in self.children:  # the broker is first in the list
+            self._start(child)
+        log.info("indibroker serving on %s:%d (%d gateway(s), %d driver(s)); runtime %s",
+                 self.config.host, self.config.port,
+                 sum(c.role == "gateway" for c in self.children),
+                 sum(len(c.spec.get("drivers", [])) for c in self.children), self.runtime.path)
+        try:
+            while not self._stopping:
+                timeout = self._restart_due()
+                now = time.monotonic()
+                due = [cb for when, cb in self._deferred if when <= now]
+                self._deferred = [(w, cb) for w, cb in self._deferred if w > now]
+                for callback in due:
+                    callback()
+                if self._deferred:
+                    nearest = min(w for w, _ in self._deferred) - now
+                    timeout = nearest if timeout is None else min(timeout, nearest)
+                for key, _mask in self._sel.select(timeout):
+                    if key.fileobj == self._wake_r:
+                        try:
+                            while os.read(self._wake_r, 4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    elif callable(key.data):
+                        key.data()
+                self._handle_signals()
+        finally:
+            self.stop_all()
+            self.control.close()
+            if self.fifo is not None:
+                self.fifo.close()
+            self._sel.close()
+        return 0
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("stopping (%s)", signal.Signals(signum).name)
+                self._stopping = True
+            elif signum == signal.SIGHUP:
+                log.info("SIGHUP ignored")
+
+    def _fifo_line(self, action: str, driver: str, env: dict[str, str]) -> None:
+        name = env.get("INDIDEV", "")
+        if action == "start":
+            found = self._find_driver(name or driver)
+            if found is not None and found[1]["argv"][0] == driver:
+                reply = self._driver_command("start", found[1]["name"], None, {})
+            else:
+                reply = self._driver_command("start", name, [driver], env)
+        else:
+            reply = self._driver_command("stop", name or os.path.basename(driver), None, {})
+        if not reply.get("ok"):
+            log.warning("FIFO %s %s: %s", action, driver, reply.get("error"))
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    """Used by the CLI to say "ready" only once a client could connect."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host or "127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False

@@ -1,0 +1,194 @@
+"""The `indibroker` command: start, status, stop, and driver control at run time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from indibroker.broker.config import Config, DriverConfig, load_toml
+from indibroker.broker.control import request
+from indibroker.broker.errors import ConfigError, ControlError, IndibrokerError
+from indibroker.broker.runtime import RuntimeDir, configure_logging
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("indibroker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="indibroker", description="An INDI server on a ZeroMQ backbone.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    start = sub.add_parser("start", help="run the server in the foreground (Ctrl-C or SIGTERM stops it)")
+    start.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file first")
+    start.add_argument("--host", help="address to listen on (default localhost; 0.0.0.0 for all)")
+    start.add_argument("-p", "--port", type=int, help="TCP port for INDI clients (default 7624)")
+    start.add_argument("--exdriver", action="append", default=[], metavar='"CMD ARGS"',
+                       help="an executable INDI driver (repeatable)")
+    start.add_argument("--gateways", type=int, help="client gateway processes sharing the port")
+    start.add_argument("--maxconnections", type=int, help="most clients at once (0: unlimited)")
+    start.add_argument("-r", "--max-restarts", type=int, dest="max_restarts",
+                       help="consecutive restarts of a crashing driver before giving up (0: never restart)")
+    start.add_argument("-d", "--blob-drop-mb", type=float, dest="blob_drop_mb",
+                       help="MB a client may fall behind before its streaming BLOBs are dropped (5)")
+    start.add_argument("-m", "--client-max-mb", type=float, dest="client_max_mb",
+                       help="MB a client may fall behind before it is disconnected (128)")
+    start.add_argument("-f", "--fifo", help="indiserver-style FIFO for start/stop lines")
+    start.add_argument("--log-dir", dest="log_dir", help="directory for per-driver log files")
+    start.add_argument("--runtime-dir", dest="runtime_dir", help="base directory for runtime state")
+    start.add_argument("--no-demo", action="store_true", help="do not serve the demo driver when idle")
+    start.add_argument("-v", "--verbose", action="count", default=0)
+
+    for name, text in (("status", "show every process of a running instance"),
+                       ("stop", "stop a running instance")):
+        cmd = sub.add_parser(name, help=text)
+        _instance_args(cmd)
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="machine-readable output")
+
+    driver = sub.add_parser("driver", help="start, stop or restart a driver at run time")
+    driver.add_argument("action", choices=["start", "stop", "restart"])
+    driver.add_argument("name", help="driver name (as in status), or an executable to start")
+    driver.add_argument("args", nargs="*", help="arguments for a new executable driver")
+    _instance_args(driver)
+    return parser
+
+
+def _instance_args(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("-p", "--port", type=int, default=7624, help="the instance's port (7624)")
+    cmd.add_argument("--runtime-dir", dest="runtime_dir", help="base directory for runtime state")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    config = load_toml(args.config) if args.config else Config()
+    for key in ("host", "port", "gateways", "maxconnections", "blob_drop_mb", "client_max_mb",
+                "fifo", "log_dir", "runtime_dir"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(config, key, value)
+    if args.max_restarts is not None:
+        config.restart["max_restarts"] = args.max_restarts
+    for command in args.exdriver:
+        argv = shlex.split(command)
+        if not argv:
+            raise ConfigError("--exdriver: empty command")
+        config.drivers.append(DriverConfig(argv=argv))
+    if args.no_demo:
+        config.demo = False
+    if args.verbose:
+        config.log_level = "DEBUG" if args.verbose > 1 else "INFO"
+    if not 0 < config.port < 65536:
+        raise ConfigError(f"port {config.port}: expected 1-65535")
+    config.assign_names()
+    return config
+
+
+def _runtime(args: argparse.Namespace, port: int) -> RuntimeDir:
+    base = Path(args.runtime_dir) if getattr(args, "runtime_dir", None) else None
+    return RuntimeDir.for_port(port, base)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from indibroker.broker.arbiter import Arbiter  # the other commands need none of this
+
+    config = config_from_args(args)
+    configure_logging("arbiter", logging.getLevelName(config.log_level.upper()))
+    runtime = _runtime(argparse.Namespace(runtime_dir=config.runtime_dir), config.port)
+    runtime.acquire()
+    try:
+        _check_port_free(config.host, config.port)
+        arbiter = Arbiter(config, runtime)
+        return arbiter.run()
+    finally:
+        runtime.release()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once, with a clear line, if something else already serves the port."""
+    import socket
+
+    from indibroker.workers.gateway import resolve_listen
+
+    family, addr = resolve_listen(host, port)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _format_status(rows: list[dict[str, Any]]) -> str:
+    def fmt_uptime(value: float | None) -> str:
+        if value is None:
+            return "-"
+        value = int(value)
+        if value >= 3600:
+            return f"{value // 3600}h{value % 3600 // 60:02d}m"
+        return f"{value // 60}m{value % 60:02d}s"
+
+    header = ["ROLE", "NAME", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "RSS(MB)", "DEVICES/CLIENTS"]
+    table = [header]
+    for row in rows:
+        extra = ", ".join(row.get("devices", [])) if row["role"] == "driver" else (
+            f"{row['clients']} client(s)" if "clients" in row else "")
+        table.append([
+            row["role"], row["name"], str(row.get("pid") or "-"), str(row.get("state")),
+            str(row.get("restarts", 0)), fmt_uptime(row.get("uptime")),
+            "-" if row.get("cpu_percent") is None else f"{row['cpu_percent']:.1f}",
+            "-" if row.get("rss") is None else f"{row['rss'] / 1048576:.1f}", extra,
+        ])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = request(_runtime(args, args.port).control_path, {"cmd": "status"})
+    if args.json:
+        sys.stdout.write(json.dumps(reply["status"], indent=2) + "\n")
+    else:
+        sys.stdout.write(_format_status(reply["status"]) + "\n")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    runtime = _runtime(args, args.port)
+    request(runtime.control_path, {"cmd": "stop"})
+    deadline = time.monotonic() + 30
+    while runtime.is_live() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if runtime.is_live():
+        raise ControlError("indibroker did not stop within 30 s")
+    return 0
+
+
+def cmd_driver(args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {"cmd": "driver", "action": args.action, "name": args.name}
+    if args.action == "start":
+        payload["argv"] = [args.name, *args.args]
+    reply = request(_runtime(args, args.port).control_path, payload)
+    sys.stdout.write(f"{args.action} {reply.get('name', args.name)}: ok\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "driver": cmd_driver}
+    try:
+        return commands[args.command](args)
+    except IndibrokerError as exc:
+        sys.stderr.write(f"indibroker: {exc}\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(f"indibroker: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Configuration: one schema, filled from a TOML file and then from command-line flags.
+
+Flags override the file. Every key is checked: an unknown key or a wrong type is a ConfigError
+naming the file and the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from indibroker.broker.errors import ConfigError
+from indibroker.broker.supervision import RestartPolicy
+
+__all__ = ["Config", "DriverConfig", "load_toml", "default_gateways", "driver_name"]
+
+MB = 1024 * 1024
+
+
+def default_gateways() -> int:
+    """One gateway per two cores beyond the first two, at most four: the rest go to drivers."""
+    cpus = os.cpu_count() or 1
+    return 1 if cpus <= 2 else min(4, cpus // 2)
+
+
+@dataclass
+class DriverConfig:
+    argv: list[str]
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    restart: dict[str, Any] = field(default_factory=dict)
+
+    def to_spec(self, config: Config) -> dict[str, Any]:
+        restart = {**config.restart, **self.restart}
+        return {
+            "name": self.name, "argv": self.argv, "env": self.env, "restart": restart,
+            "queue_bytes": int(config.driver_queue_mb * MB), "hang_timeout": config.hang_timeout,
+        }
+
+
+@dataclass
+class Config:
+    host: str = "localhost"
+    port: int = 7624
+    gateways: int = field(default_factory=default_gateways)
+    maxconnections: int = 0  # 0: unlimited
+    exdriver_workers: int = 1
+    drivers: list[DriverConfig] = field(default_factory=list)
+    demo: bool = True  # serve the demo driver when nothing else is configured
+    blob_drop_mb: float = 5.0  # indiserver -d
+    client_max_mb: float = 128.0  # indiserver -m
+    client_max_element_mb: float = 16.0
+    driver_queue_mb: float = 8.0
+    hang_timeout: float = 60.0
+    restart: dict[str, Any] = field(default_factory=dict)  # RestartPolicy defaults for drivers
+    fifo: str | None = None
+    log_dir: str | None = None
+    log_level: str = "INFO"
+    runtime_dir: str | None = None
+
+    def assign_names(self) -> None:
+        taken: set[str] = set()
+        for driver in self.drivers:
+            if not driver.name:
+                driver.name = driver_name(driver.argv, driver.env, taken)
+            elif driver.name in taken:
+                raise ConfigError(f"two drivers are named {driver.name!r}")
+            taken.add(driver.name)
+
+
+def driver_name(argv: list[str], env: dict[str, str], taken: set[str]) -> str:
+    base = env.get("INDIDEV") or os.path.basename(argv[0])
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+_SCALARS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("drivers", "restart")}
+_RESTART_KEYS = {f.name: f.type for f in dataclasses.fields(RestartPolicy)}
+
+
+def _check_type(where: str, value: Any, kind: str) -> Any:
+    expected: dict[str, tuple[type, ...]] = {
+        "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str,),
+    }
+    types = expected.get(kind, (object,))
+    if isinstance(value, bool) and kind in ("int", "float"):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{where}: expected {kind.replace(' | None', '')}, got {value!r}")
+    return value
+
+
+def _restart_table(where: str, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    for key, value in table.items():
+        if key not in _RESTART_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(_RESTART_KEYS))})")
+        _check_type(f"{where}.{key}", value, str(_RESTART_KEYS[key]))
+    return dict(table)
+
+
+def load_toml(path: str | Path, config: Config | None = None) -> Config:
+    """Read a TOML config file into `config` (or a fresh one)."""
+    config = config or Config()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    for key, value in data.items():
+        where = f"{path}: {key}"
+        if key == "restart":
+            config.restart = _restart_table(where, value)
+        elif key == "driver":
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: expected [[driver]] tables")
+            for i, table in enumerate(value):
+                config.drivers.append(_driver_table(f"{path}: driver[{i}]", table))
+        elif key in _SCALARS:
+            setattr(config, key, _check_type(where, value, str(_SCALARS[key].type)))
+        else:
+            raise ConfigError(f"{where}: unknown key")
+    return config
+
+
+def _driver_table(where: str, table: Any) -> DriverConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    known = {"command", "name", "env", "restart"}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    command = table.get("command")
+    if isinstance(command, str):
+        argv = shlex.split(command)
+    elif isinstance(command, list) and all(isinstance(a, str) for a in command):
+        argv = list(command)
+    else:
+        raise ConfigError(f"{where}.command: expected a command line or a list of arguments")
+    if not argv:
+        raise ConfigError(f"{where}.command: empty")
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{where}.env: expected a table of strings")
+    name = _check_type(f"{where}.name", table.get("name", ""), "str")
+    restart = _restart_table(f"{where}.restart", table.get("restart", {}))
+    return DriverConfig(argv=argv, name=name, env=dict(env), restart=restart)

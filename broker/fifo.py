@@ -1,0 +1,79 @@
+"""indiserver's `-f FIFO`: lines such as ``start indi_simulator_ccd -n "My CCD"`` at run time.
+
+Tools built for indiserver (web driver managers) write exactly these lines. Options map to the
+driver's environment as indiserver does: -n → INDIDEV, -c → INDICONFIG, -s → INDISKEL,
+-p → INDIPREFIX. The FIFO is opened with a writer of our own kept open, so that a tool closing its
+end never makes us spin on EOF.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shlex
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["FifoReader", "parse_line"]
+
+log = logging.getLogger(__name__)
+
+OPTION_ENV = {"-n": "INDIDEV", "-c": "INDICONFIG", "-s": "INDISKEL", "-p": "INDIPREFIX"}
+
+LineHandler = Callable[[str, str, dict[str, str]], None]
+
+
+def parse_line(line: str) -> tuple[str, str, dict[str, str]]:
+    """``start|stop DRIVER [-n "name"] [-c "config"] [-s "skel"] [-p "prefix"]``; ValueError if not."""
+    words = shlex.split(line)
+    if len(words) < 2 or words[0] not in ("start", "stop"):
+        raise ValueError(f"expected 'start|stop DRIVER [options]', got {line!r}")
+    action, driver, rest = words[0], words[1], words[2:]
+    env: dict[str, str] = {}
+    while rest:
+        option = rest.pop(0)
+        if option not in OPTION_ENV or not rest:
+            raise ValueError(f"bad option {option!r} in {line!r}")
+        env[OPTION_ENV[option]] = rest.pop(0)
+    return action, driver, env
+
+
+class FifoReader:
+    def __init__(self, path: str | Path, handler: LineHandler):
+        self.path = Path(path)
+        self.handler = handler
+        if not self.path.exists():
+            os.mkfifo(self.path, 0o600)
+        elif not stat.S_ISFIFO(self.path.stat().st_mode):
+            raise OSError(f"{self.path} exists and is not a FIFO")
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._keep = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._buf = b""
+
+    def register(self, sel: selectors.BaseSelector) -> None:
+        sel.register(self.fd, selectors.EVENT_READ, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            if not line:
+                continue
+            try:
+                action, driver, env = parse_line(line)
+            except ValueError as exc:
+                log.warning("FIFO: %s", exc)
+                continue
+            log.info("FIFO: %s %s %s", action, driver, env or "")
+            self.handler(action, driver, env)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._keep)

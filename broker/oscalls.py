@@ -1,0 +1,102 @@
+"""The OS calls of supervision, in one place: spawn a child in its own session, signal its group.
+
+Both the arbiter (for workers) and exdriver workers (for drivers) use these. Children start with
+`start_new_session=True` (so a process group can be killed whole) and only the descriptors named
+in `pass_fds`; never `preexec_fn`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+
+__all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "process_alive"]
+
+log = logging.getLogger(__name__)
+
+
+def pdeathsig_prefix() -> list[str]:
+    """`setpriv --pdeathsig KILL --`: the child dies with the process that started it.
+
+    util-linux's setpriv sets PR_SET_PDEATHSIG and execs the real program in the same process, so
+    it costs nothing at run time. Without it we still clean up (stdin EOF, the arbiter's sweep).
+    """
+    path = shutil.which("setpriv")
+    return [path, "--pdeathsig", "KILL", "--"] if path else []
+
+
+def spawn(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+    pipes: bool = False,
+    cwd: str | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+) -> subprocess.Popen:
+    """Start `argv` in a new session. With `pipes`, stdin/stdout/stderr are non-blocking pipes."""
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    if pipes:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=full_env, start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds), cwd=cwd,
+            bufsize=0,
+        )
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            assert stream is not None
+            os.set_blocking(stream.fileno(), False)
+        return proc
+    return subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=full_env,
+        start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds), cwd=cwd,
+    )
+
+
+def signal_group(pid: int, sig: int) -> bool:
+    """Signal the process group led by `pid` (falls back to the process). False if it is gone."""
+    try:
+        os.killpg(pid, sig)
+        return True
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning("not allowed to signal group %d", pid)
+        return False
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def reap(proc: subprocess.Popen) -> int | None:
+    """Non-blocking: the exit code if `proc` has exited (negative: killed by that signal)."""
+    try:
+        return proc.poll()
+    except ChildProcessError:
+        return -1
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

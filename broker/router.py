@@ -1,0 +1,189 @@
+"""The broker process: one ZeroMQ ROUTER that routes INDI traffic on header frames alone.
+
+It never parses XML and never blocks on a peer: sends are DONTWAIT with ROUTER_MANDATORY, and a
+peer whose queue is full loses that message (counted and logged) rather than stalling everyone.
+Payload frames are received without copying and passed on as they came.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from indibroker.broker import wire
+from indibroker.broker.routing import RoutingTable
+from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write
+
+__all__ = ["Broker", "main"]
+
+log = logging.getLogger(__name__)
+
+HWM = 100_000  # messages; bytes are bounded by the workers' own accounting
+STATUS_INTERVAL = 5.0
+
+
+class Broker:
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        self.table = RoutingTable()
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.sock.setsockopt(zmq.SNDHWM, HWM)
+        self.sock.setsockopt(zmq.RCVHWM, HWM)
+        self.sock.bind(endpoint)
+        self.routed = 0
+        self.dropped = 0
+        self._dropped_logged = 0.0
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def handle(self, msg: list[zmq.Frame]) -> None:
+        if len(msg) < 2:
+            log.warning("dropped a message of %d frame(s)", len(msg))
+            return
+        ident = msg[0].bytes
+        try:
+            verb, device, name, flags = wire.parse_header(msg[1].bytes)
+        except ValueError:
+            log.warning("dropped a message with a bad header from %r", ident)
+            return
+        payload = msg[2:]
+        table = self.table
+        if verb == wire.HELLO:
+            self._hello(ident, payload)
+            return
+        if ident not in table.peers:
+            self._send(ident, [wire.header(wire.WHO)])
+            return
+        if verb == wire.HB:
+            self._send(ident, [wire.header(wire.HB)])
+        elif verb in wire.DRIVER_OUTPUT:
+            if verb == wire.DEF and device:
+                previous = table.claim(ident, device)
+                if previous is not None:
+                    log.warning("device %r moved from %s to %s", device,
+                                table.peers[previous].name if previous in table.peers else previous,
+                                table.peers[ident].name)
+            elif verb == wire.DEL and device and not name:
+                table.release(ident, device)
+            out = [msg[1], *payload]
+            for target in table.targets(device, name, flags == wire.FLAG_BLOB):
+                self._send(target, out)
+        elif verb == wire.GETP:
+            out = [msg[1], *payload]
+            if device:
+                owner = table.owner(device)
+                if owner is not None:
+                    self._send(owner, out)
+            else:
+                for target in table.drivers():
+                    if target != ident:
+                        self._send(target, out)
+        elif verb == wire.NEW:
+            owner = table.owner(device)
+            if owner is None:
+                log.info("new*Vector for unknown device %r dropped", device)
+            else:
+                self._send(owner, [msg[1], *payload])
+        elif verb == wire.SUB:
+            try:
+                entries = wire.decode_interests(b"".join(f.bytes for f in payload))
+            except ValueError:
+                log.warning("bad SUB from %s", table.peers[ident].name)
+                return
+            table.set_interests(ident, entries)
+        else:
+            log.warning("unknown verb %r from %s", verb, table.peers[ident].name)
+
+    def _hello(self, ident: bytes, payload: list[zmq.Frame]) -> None:
+        try:
+            data = wire.parse_hello(payload[0].bytes if payload else b"")
+        except ValueError as exc:
+            log.warning("refused hello from %r: %s", ident, exc)
+            return
+        self.table.add_peer(ident, data["role"], data["name"], data["devices"])
+        log.info("%s %s registered with %d device(s)", data["role"], data["name"], len(data["devices"]))
+        self._send(ident, [wire.header(wire.HB)])
+
+    def _send(self, ident: bytes, frames: list) -> None:
+        try:
+            self.sock.send_multipart([ident, *frames], flags=zmq.DONTWAIT, copy=False)
+            self.routed += 1
+        except zmq.Again:
+            self._drop(ident, "queue full")
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self.table.remove_peer(ident)
+                log.info("peer %r has gone; forgotten", ident)
+            else:
+                self._drop(ident, str(exc))
+
+    def _drop(self, ident: bytes, why: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged > 5:
+            self._dropped_logged = now
+            log.warning("dropping messages for %r (%s); %d dropped so far", ident, why, self.dropped)
+
+    def status(self) -> dict:
+        return {
+            "peers": len(self.table.peers),
+            "devices": sorted(self.table.owners),
+            "dropped": self.dropped,
+        }
+
+
+def main() -> int:
+    runtime = RuntimeDir.from_env()
+    configure_logging("broker")
+    # Signals only write to a pipe the poller watches; the loop acts on them.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the arbiter, which stops us in order
+    ctx = zmq.Context()
+    broker = Broker(ctx, runtime.broker_endpoint)
+    poller = zmq.Poller()
+    poller.register(broker.sock, zmq.POLLIN)
+    poller.register(wake_r, zmq.POLLIN)
+    lifeline = lifeline_fd()
+    if lifeline is not None:
+        poller.register(lifeline, zmq.POLLIN)
+    log.info("broker routing on %s", runtime.broker_endpoint)
+    written: dict | None = None
+    last_status = 0.0
+    while True:
+        events = dict(poller.poll(int(STATUS_INTERVAL * 1000)))
+        if wake_r in events:
+            if signal.SIGTERM in os.read(wake_r, 4096):
+                break
+        if lifeline is not None and lifeline in events:
+            try:
+                if not os.read(lifeline, 4096):
+                    log.warning("arbiter gone; broker exits")
+                    break
+            except BlockingIOError:
+                pass
+        if broker.sock in events:
+            for _ in range(1000):  # a bounded batch, then look at signals and the lifeline again
+                try:
+                    msg = broker.sock.recv_multipart(zmq.DONTWAIT, copy=False)
+                except zmq.Again:
+                    break
+                broker.handle(msg)
+        now = time.monotonic()
+        if now - last_status >= STATUS_INTERVAL:
+            last_status = now
+            status = broker.status()
+            if status != written:
+                written = status
+                statusfile_write(runtime, "broker", status)
+    broker.close()
+    ctx.term()
+    return 0

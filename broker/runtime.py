@@ -1,0 +1,183 @@
+"""The private runtime directory of one indibroker instance, and what every process reads from it.
+
+One instance per port: ``$XDG_RUNTIME_DIR/indibroker/<port>`` (or ``/tmp/indibroker-<uid>/<port>``),
+mode 0700, guarded by an exclusive lock on its pidfile so that a second `indibroker start` on the
+same port fails loudly instead of stealing the backbone sockets. Workers learn the directory from
+the environment the arbiter gives them, and write their status there as small JSON files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from indibroker.broker.errors import RuntimeDirBusy
+
+__all__ = ["RuntimeDir", "configure_logging", "lifeline_fd", "statusfile_write", "ENV_RUNTIME",
+           "ENV_LIFELINE", "default_base"]
+
+ENV_RUNTIME = "INDIBROKER_RUNTIME"
+ENV_LIFELINE = "INDIBROKER_LIFELINE"
+ENV_LOGLEVEL = "INDIBROKER_LOGLEVEL"
+
+log = logging.getLogger(__name__)
+
+
+def default_base() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
+        return Path(xdg) / "indibroker"
+    return Path(f"/tmp/indibroker-{os.getuid()}")
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise RuntimeDirBusy(f"{path} is not a directory owned by us")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+@dataclass
+class RuntimeDir:
+    path: Path
+    _lock_fd: int = -1
+
+    @classmethod
+    def for_port(cls, port: int, base: Path | None = None) -> RuntimeDir:
+        return cls((base or default_base()) / str(port))
+
+    @classmethod
+    def from_env(cls) -> RuntimeDir:
+        return cls(Path(os.environ[ENV_RUNTIME]))
+
+    @property
+    def broker_endpoint(self) -> str:
+        return f"ipc://{self.path / 'broker.sock'}"
+
+    @property
+    def control_path(self) -> Path:
+        return self.path / "control.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.path / "indibroker.pid"
+
+    @property
+    def status_dir(self) -> Path:
+        return self.path / "status"
+
+    def acquire(self) -> None:
+        """Create the directory and take its lock; raises RuntimeDirBusy if another instance has it."""
+        _private_dir(self.path.parent)
+        _private_dir(self.path)
+        fd = os.open(self.pidfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeDirBusy(
+                f"another indibroker holds {self.path} (pid {self.read_pid() or '?'})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        # Whatever a crashed predecessor left is stale now that we hold the lock.
+        for entry in self.path.iterdir():
+            if entry.name != self.pidfile.name:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        _private_dir(self.status_dir)
+
+    def release(self) -> None:
+        """Remove the directory (we still hold the lock while doing so), then drop the lock."""
+        if self._lock_fd < 0:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+        try:
+            self.path.parent.rmdir()  # only succeeds when no other instance lives beside us
+        except OSError:
+            pass
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def is_live(self) -> bool:
+        """True when some process holds the lock (a running instance)."""
+        try:
+            fd = os.open(self.pidfile, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def read_status(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            entries = list(self.status_dir.iterdir())
+        except OSError:
+            return out
+        for entry in entries:
+            if entry.suffix == ".json":
+                try:
+                    out[entry.stem] = json.loads(entry.read_text())
+                except (OSError, ValueError):
+                    continue
+        return out
+
+
+def statusfile_write(runtime: RuntimeDir, name: str, data: dict[str, Any]) -> None:
+    """Atomically replace this process's status file (read by `indibroker status`)."""
+    target = runtime.status_dir / f"{name}.json"
+    tmp = target.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, target)
+    except OSError as exc:
+        log.debug("status file %s not written: %s", target, exc)
+
+
+def lifeline_fd() -> int | None:
+    """The read end of the arbiter's lifeline pipe: EOF on it means the arbiter has died."""
+    value = os.environ.get(ENV_LIFELINE)
+    return int(value) if value else None
+
+
+class _UTCFormatter(logging.Formatter):
+    converter = time.gmtime  # type: ignore[assignment]
+
+
+def configure_logging(role: str, level: int | None = None) -> None:
+    """One format for every process, UTC timestamps, tagged with the process role and pid."""
+    if level is None:
+        level = int(os.environ.get(ENV_LOGLEVEL, logging.INFO))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _UTCFormatter(f"%(asctime)s.%(msecs)03dZ {role}[%(process)d] %(levelname)s %(name)s: %(message)s",
+                      "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,107 @@
+"""The backbone contract between workers (DEALER) and the broker (ROUTER).
+
+A message is two or more ZeroMQ frames: a small header, then payload frames the broker never looks
+into. The header is NUL-separated bytes: ``verb \\0 device \\0 name \\0 flags``. Every process
+imports this one module; `WIRE_VERSION` travels in the hello so a mismatched worker is refused.
+
+Verbs (worker → broker unless said otherwise):
+
+=========  ===================================================================================
+HELLO      announce: payload is JSON ``{"wire", "role", "name", "devices"}``
+WHO        broker → worker: "I do not know you" (after a broker restart): say HELLO again
+SUB        replace this peer's interests: payload is `encode_interests()`
+HB         heartbeat, both directions; any traffic also counts as one
+GETP       getProperties from a client or a snooping driver: to the owner, or every driver
+NEW        a client's new*Vector: to the device's owner only
+DEF SET    a driver's def*/set*Vector: to every peer interested (flag ``B``: a setBLOBVector)
+DEL MSG    a driver's delProperty / message (MSG without a device goes to every gateway)
+=========  ===================================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "WIRE_VERSION", "HELLO", "WHO", "SUB", "HB", "GETP", "NEW", "DEF", "SET", "DEL", "MSG",
+    "FLAG_BLOB", "WANT_PLAIN", "WANT_BLOB", "DRIVER_OUTPUT",
+    "header", "parse_header", "hello_payload", "parse_hello", "encode_interests", "decode_interests",
+]
+
+WIRE_VERSION = 1
+
+HELLO = b"HELLO"
+WHO = b"WHO"
+SUB = b"SUB"
+HB = b"HB"
+GETP = b"GETP"
+NEW = b"NEW"
+DEF = b"DEF"
+SET = b"SET"
+DEL = b"DEL"
+MSG = b"MSG"
+
+DRIVER_OUTPUT = frozenset({DEF, SET, DEL, MSG})
+
+FLAG_BLOB = b"B"
+
+# Interest bits: does a peer want a device's ordinary traffic, its BLOBs, or both.
+WANT_PLAIN = 1
+WANT_BLOB = 2
+
+_SEP = b"\x00"
+
+
+def header(verb: bytes, device: str = "", name: str = "", flags: bytes = b"") -> bytes:
+    return _SEP.join((verb, device.encode(), name.encode(), flags))
+
+
+def parse_header(frame: bytes) -> tuple[bytes, str, str, bytes]:
+    """Split a header frame; raises ValueError on anything but four fields of valid UTF-8."""
+    verb, device, name, flags = frame.split(_SEP)
+    return verb, device.decode(), name.decode(), flags
+
+
+def hello_payload(role: str, name: str, devices: Iterable[str]) -> bytes:
+    return json.dumps(
+        {"wire": WIRE_VERSION, "role": role, "name": name, "devices": sorted(devices)}
+    ).encode()
+
+
+def parse_hello(payload: bytes) -> dict[str, Any]:
+    """Decode and check a HELLO; raises ValueError when it is not one we can serve."""
+    data = json.loads(payload)
+    if not isinstance(data, dict) or data.get("wire") != WIRE_VERSION:
+        raise ValueError(f"wire version {data.get('wire') if isinstance(data, dict) else '?'}")
+    if data.get("role") not in ("gateway", "driver"):
+        raise ValueError(f"unknown role {data.get('role')!r}")
+    devices = data.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        raise ValueError("devices must be a list of names")
+    return data
+
+
+def encode_interests(entries: Iterable[tuple[str, str, int]]) -> bytes:
+    """Interests as ``device \\x1f name \\x1f bits`` records; an empty device means all devices,
+    an empty name all properties of the device."""
+    return b"\x1e".join(
+        b"\x1f".join((device.encode(), name.encode(), str(bits).encode()))
+        for device, name, bits in entries
+    )
+
+
+def decode_interests(payload: bytes) -> list[tuple[str, str, int]]:
+    if not payload:
+        return []
+    out = []
+    for record in payload.split(b"\x1e"):
+        device, name, bits = record.split(b"\x1f")
+        out.append((device.decode(), name.decode(), int(bits)))
+    return out
+
+
+def frames(verb: bytes, device: str = "", name: str = "", flags: bytes = b"",
+           payload: Sequence[bytes] = ()) -> list[bytes]:
+    return [header(verb, device, name, flags), *payload]

@@ -1,0 +1,1 @@
+"""Worker processes (gateway, exdriver, pydriver, remote) and the INDI codec they share."""

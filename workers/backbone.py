@@ -1,0 +1,115 @@
+"""A worker's end of the backbone: one DEALER to the broker, hello, heartbeats, re-registration.
+
+Every worker kind uses this one class. The broker's state is rebuildable: when it restarts it
+answers our next message with WHO, and we say HELLO again with the devices we own and our
+interests, so routing resumes without anyone reconnecting. Heartbeats are cheap (one small message
+every few seconds) and any traffic from the broker counts as one (Paranoid Pirate style).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import zmq
+
+from indibroker.broker import wire
+from indibroker.workers.reactor import Reactor
+
+__all__ = ["Backbone", "HEARTBEAT_INTERVAL"]
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 5.0
+LIVENESS = 3  # intervals without a word from the broker before we say HELLO again
+
+MessageHandler = Callable[[bytes, str, str, bytes, list[zmq.Frame]], None]
+
+
+class Backbone:
+    def __init__(
+        self,
+        reactor: Reactor,
+        ctx: zmq.Context,
+        endpoint: str,
+        role: str,
+        name: str,
+        on_message: MessageHandler,
+        devices: Callable[[], Iterable[str]],
+        interests: Callable[[], Iterable[tuple[str, str, int]]],
+    ):
+        self.reactor = reactor
+        self.role = role
+        self.name = name
+        self._on_message = on_message
+        self._devices = devices
+        self._interests = interests
+        self._last_sub: bytes | None = None
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"{role}:{name}".encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.connect(endpoint)
+        self._last_heard = time.monotonic()
+        self.dropped = 0
+        reactor.add_zmq(self.sock, self._readable)
+        reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        self.hello()
+
+    def hello(self) -> None:
+        self._send([wire.header(wire.HELLO), wire.hello_payload(self.role, self.name, self._devices())])
+        self._last_sub = None
+        self.update_interests()
+
+    def update_interests(self) -> None:
+        """Send our interests if they changed since the last SUB (call after any change)."""
+        payload = wire.encode_interests(sorted(set(self._interests())))
+        if payload != self._last_sub:
+            self._last_sub = payload
+            self._send([wire.header(wire.SUB), payload])
+
+    def send(self, verb: bytes, device: str = "", name: str = "", flags: bytes = b"",
+             payload: Sequence[bytes] = ()) -> None:
+        self._send([wire.header(verb, device, name, flags), *payload])
+
+    def _send(self, frames: list) -> None:
+        try:
+            self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=len(frames[-1]) < 65536)
+        except zmq.Again:
+            self.dropped += 1
+            log.warning("backbone queue full: message dropped (%d so far)", self.dropped)
+
+    def _readable(self) -> None:
+        for _ in range(256):
+            try:
+                msg = self.sock.recv_multipart(zmq.DONTWAIT, copy=False)
+            except zmq.Again:
+                return
+            self._last_heard = time.monotonic()
+            try:
+                verb, device, name, flags = wire.parse_header(msg[0].bytes)
+            except (ValueError, IndexError):
+                log.warning("bad header from broker dropped")
+                continue
+            if verb == wire.WHO:
+                log.info("broker does not know us (restarted?): registering again")
+                self.hello()
+            elif verb == wire.HB:
+                continue
+            else:
+                self._on_message(verb, device, name, flags, msg[1:])
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._last_heard > HEARTBEAT_INTERVAL * LIVENESS:
+            log.warning("no word from the broker for %.0f s: registering again",
+                        time.monotonic() - self._last_heard)
+            self._last_heard = time.monotonic()
+            self.hello()
+        else:
+            self._send([wire.header(wire.HB)])
+        self.reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

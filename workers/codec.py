@@ -1,0 +1,197 @@
+"""The INDI XML stream codec every worker shares.
+
+An INDI connection (TCP socket or a driver's stdout) carries a sequence of top-level XML elements
+with no enclosing document. `StreamDecoder` cuts that byte stream into whole elements: a cheap
+scanner finds element boundaries with `bytes.find` and a tag regex (a multi-MB base64 BLOB is
+skipped in one C call), then each complete element is parsed once by lxml with entity resolution,
+DTDs and network access off. The raw bytes of each element are kept so that they can be forwarded
+unchanged: nothing downstream re-serialises XML.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lxml import etree
+
+from indibroker.broker.errors import MalformedInput
+
+__all__ = ["Element", "StreamDecoder", "DEFAULT_MAX_ELEMENT", "DEFAULT_MAX_DEPTH"]
+
+DEFAULT_MAX_ELEMENT = 256 * 1024 * 1024
+DEFAULT_MAX_DEPTH = 8
+_MAX_TAG = 64 * 1024  # a single start tag longer than this is not INDI
+
+_NAME = rb"[A-Za-z_:][-\w.:]*"
+_ATTRS = rb"(?:\s+[^\s=/<>\"']+\s*=\s*(?:\"[^\"<]*\"|'[^'<]*'))*"
+_START = re.compile(rb"<(" + _NAME + rb")" + _ATTRS + rb"\s*(/?)>")
+_END = re.compile(rb"</(" + _NAME + rb")\s*>")
+# What an unfinished start or end tag may look like when the buffer ends inside it.
+_PARTIAL = re.compile(
+    rb"</?(?:" + _NAME + rb")?" + _ATTRS
+    + rb"(?:\s+[^\s=/<>\"']*(?:\s*=\s*(?:\"[^\"<]*|'[^'<]*)?)?)?\s*/?\Z"
+)
+_WS = frozenset(b" \t\r\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Element:
+    """One top-level INDI element: its exact bytes and its parsed tree."""
+
+    raw: bytes
+    root: etree._Element
+
+    @property
+    def tag(self) -> str:
+        return str(self.root.tag)
+
+    def get(self, key: str, default: str = "") -> str:
+        return str(self.root.get(key, default))
+
+
+def _parser() -> etree.XMLParser:
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=True,  # our own size limit bounds elements; libxml2's 10 MB text cap would cut BLOBs
+        remove_blank_text=False,
+        recover=False,
+    )
+
+
+class StreamDecoder:
+    """Incremental decoder: `feed()` bytes, get back the elements completed so far.
+
+    Raises `MalformedInput` on garbage between elements, bad tags, a DOCTYPE (the way in for
+    entity bombs), nesting deeper than `max_depth` or an element larger than `max_element`. After
+    an error the decoder has dropped what it buffered and resynchronises on the next `<`, so a
+    caller that tolerates bad input (a driver) can keep feeding; a caller that does not (a client
+    gateway) simply drops the connection.
+    """
+
+    def __init__(self, max_element: int = DEFAULT_MAX_ELEMENT, max_depth: int = DEFAULT_MAX_DEPTH):
+        self.max_element = max_element
+        self.max_depth = max_depth
+        self._buf = bytearray()
+        self._scan = 0  # where scanning resumes
+        self._open: list[bytes] = []  # names of the elements open in the current one
+        self._start = -1  # offset of the current top-level element, -1 between elements
+        self._parser = _parser()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an unfinished element (what a half-sent message costs us)."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Element]:
+        self._buf += data
+        out: list[Element] = []
+        try:
+            self._run(out)
+        except MalformedInput:
+            self._reset()
+            raise
+        return out
+
+    def _reset(self) -> None:
+        self._buf.clear()
+        self._scan = 0
+        self._open.clear()
+        self._start = -1
+
+    def _run(self, out: list[Element]) -> None:
+        buf = self._buf
+        stack = self._open
+        pos = self._scan
+        while True:
+            lt = buf.find(b"<", pos)
+            if not stack:
+                gap = buf[pos:] if lt < 0 else buf[pos:lt]
+                if gap and not _WS.issuperset(gap):
+                    raise MalformedInput(f"text outside an element: {bytes(gap[:40])!r}")
+            elif self._start >= 0 and len(buf) - self._start > self.max_element:
+                raise MalformedInput(f"element larger than {self.max_element} bytes")
+            if lt < 0:
+                pos = len(buf)
+                break
+            pos = lt
+            nxt = buf[lt + 1 : lt + 2]
+            if not nxt:
+                break
+            if nxt == b"?" or nxt == b"!":
+                end = self._skip_special(buf, lt)
+                if end < 0:
+                    break
+                pos = end
+                continue
+            if nxt == b"/":
+                m = _END.match(buf, lt)
+                if m is None:
+                    self._incomplete_or_bad(buf, lt)
+                    break
+                if not stack or stack.pop() != m.group(1):
+                    raise MalformedInput(f"unexpected end tag {bytes(m.group(0)[:60])!r}")
+                pos = m.end()
+                if not stack:
+                    self._emit(out, pos)
+                    pos = 0
+                continue
+            m = _START.match(buf, lt)
+            if m is None:
+                self._incomplete_or_bad(buf, lt)
+                break
+            pos = m.end()
+            if not stack:
+                self._start = lt
+            if m.group(2):  # self-closing
+                if not stack:
+                    self._emit(out, pos)
+                    pos = 0
+                continue
+            stack.append(bytes(m.group(1)))
+            if len(stack) > self.max_depth:
+                raise MalformedInput(f"elements nested deeper than {self.max_depth}")
+        if self._start < 0:
+            # Between elements: whitespace and declarations already consumed can go.
+            del buf[:pos]
+            pos = 0
+        self._scan = pos
+
+    def _emit(self, out: list[Element], end: int) -> None:
+        buf = self._buf
+        raw = bytes(buf[self._start : end])
+        del buf[:end]
+        self._start = -1
+        if len(raw) > self.max_element:
+            raise MalformedInput(f"element larger than {self.max_element} bytes")
+        try:
+            root = etree.fromstring(raw, self._parser)
+        except etree.XMLSyntaxError as exc:
+            raise MalformedInput(f"malformed element: {exc}") from None
+        out.append(Element(raw, root))
+
+    def _skip_special(self, buf: bytearray, lt: int) -> int:
+        """Step over `<?...?>`, `<!--...-->` and CDATA; refuse DOCTYPE. -1 means wait for more."""
+        if buf.startswith(b"<?", lt):
+            end = buf.find(b"?>", lt + 2)
+            return -1 if end < 0 else end + 2
+        if buf.startswith(b"<!--", lt):
+            end = buf.find(b"-->", lt + 4)
+            return -1 if end < 0 else end + 3
+        if buf.startswith(b"<![CDATA[", lt):
+            if not self._open:
+                raise MalformedInput("CDATA outside an element")
+            end = buf.find(b"]]>", lt + 9)
+            return -1 if end < 0 else end + 3
+        head = bytes(buf[lt : lt + 9])
+        if b"<!--".startswith(head) or b"<![CDATA[".startswith(head):
+            return -1  # too short to tell yet
+        raise MalformedInput(f"markup not allowed in INDI: {head!r}")
+
+    def _incomplete_or_bad(self, buf: bytearray, lt: int) -> None:
+        tail = bytes(buf[lt : lt + _MAX_TAG + 1])
+        if len(tail) > _MAX_TAG or _PARTIAL.match(tail) is None:
+            raise MalformedInput(f"bad tag: {tail[:60]!r}")

@@ -1,0 +1,243 @@
+"""The TCP client gateway: INDI clients connect here (port 7624 by default).
+
+Several gateway processes may share the port (SO_REUSEPORT) to use several cores. Each client's
+XML is parsed once here; what the broker sends back is written to every interested client as the
+same bytes (no re-serialising). Each client has its own byte-accounted queue, so a slow client
+loses its streaming BLOBs past one threshold and its connection past another, and never makes
+anyone else wait. Bad input drops the offending client alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+from typing import Any
+
+import zmq
+
+from indibroker.broker import wire
+from indibroker.broker.errors import MalformedInput
+from indibroker.workers import indi
+from indibroker.workers.base import Worker
+from indibroker.workers.codec import Element, StreamDecoder
+from indibroker.workers.interest import Interest, union
+from indibroker.workers.outqueue import OutQueue
+
+__all__ = ["Gateway", "Client"]
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+READS_PER_TURN = 4  # then let other clients and the backbone have their turn
+
+DEFAULT_CLIENT_MAX_ELEMENT = 16 * 1024 * 1024
+DEFAULT_BLOB_DROP_BYTES = 5 * 1024 * 1024  # indiserver -d
+DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
+
+
+class Client:
+    __slots__ = ("cid", "sock", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed")
+
+    def __init__(self, cid: int, sock: socket.socket, peer: str, max_element: int):
+        self.cid = cid
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.decoder = StreamDecoder(max_element=max_element)
+        self.out = OutQueue()
+        self.interest = Interest()
+        self.blobs_dropped = 0
+        self.closed = False
+
+
+def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """The address to bind: IPv4 first for names like localhost, as indiserver binds."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    family, _, _, _, addr = infos[0]
+    return family, addr
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket other gateway processes can share (SO_REUSEPORT)."""
+    family, addr = resolve_listen(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(addr)
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+class Gateway(Worker):
+    role = "gateway"
+    backbone_role = "gateway"
+
+    def __init__(self, spec: dict[str, Any]):
+        self.clients: dict[int, Client] = {}
+        self._ids = itertools.count(1)
+        self.max_element = int(spec.get("max_element", DEFAULT_CLIENT_MAX_ELEMENT))
+        self.blob_drop_bytes = int(spec.get("blob_drop_bytes", DEFAULT_BLOB_DROP_BYTES))
+        self.max_queue_bytes = int(spec.get("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES))
+        self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
+        self.listener: socket.socket | None = None
+        super().__init__(spec)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.listener = listen(self.spec.get("host", "localhost"), int(self.spec["port"]))
+        self.reactor.add_reader(self.listener.fileno(), self._accept)
+        log.info("%s listening on %s", self.name, self.listener.getsockname()[:2])
+
+    def shutdown(self) -> None:
+        if self.listener is not None:
+            self.reactor.forget(self.listener.fileno())
+            self.listener.close()
+        for client in list(self.clients.values()):
+            self._drop(client, "server stopping", level=logging.DEBUG)
+
+    def interests(self) -> list[tuple[str, str, int]]:
+        return sorted(union(c.interest for c in self.clients.values()))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "clients": len(self.clients),
+            "peers": sorted(c.peer for c in self.clients.values()),
+        }
+
+    # -- connections ------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            peer = f"{addr[0]}:{addr[1]}"
+            if self.maxconnections and len(self.clients) >= self.maxconnections:
+                log.warning("refused %s: maxconnections (%d) reached", peer, self.maxconnections)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = Client(next(self._ids), sock, peer, self.max_element)
+            self.clients[client.fd] = client
+            self.reactor.add_reader(client.fd, lambda c=client: self._readable(c))
+            log.info("client %s connected (%d now)", peer, len(self.clients))
+            self.status_changed()
+
+    def _drop(self, client: Client, why: str, level: int = logging.INFO) -> None:
+        if client.closed:
+            return
+        client.closed = True
+        log.log(level, "client %s dropped: %s", client.peer, why)
+        self.reactor.forget(client.fd)
+        self.clients.pop(client.fd, None)
+        client.out.clear()
+        try:
+            client.sock.close()
+        except OSError:
+            pass
+        self.backbone.update_interests()
+        self.status_changed()
+
+    # -- client → server --------------------------------------------------------------------
+    def _readable(self, client: Client) -> None:
+        for _ in range(READS_PER_TURN):
+            try:
+                data = client.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._drop(client, f"read error: {exc}")
+                return
+            if not data:
+                self._drop(client, "disconnected")
+                return
+            try:
+                elements = client.decoder.feed(data)
+            except MalformedInput as exc:
+                self._drop(client, f"malformed input: {exc}", level=logging.WARNING)
+                return
+            for element in elements:
+                self._from_client(client, element)
+                if client.closed:
+                    return
+            if len(data) < READ_SIZE:
+                return
+
+    def _from_client(self, client: Client, el: Element) -> None:
+        tag = el.tag
+        device = el.get("device")
+        name = el.get("name")
+        if tag in indi.CLIENT_NEW:
+            if not device or not name:
+                log.info("client %s: %s without device or name ignored", client.peer, tag)
+                return
+            self._add_interest(client, device, "")
+            self.backbone.send(wire.NEW, device, name, b"", [el.raw])
+        elif tag == "getProperties":
+            self._add_interest(client, device, name)
+            self.backbone.send(wire.GETP, device, name)
+        elif tag == "enableBLOB":
+            mode = indi.BlobMode.parse(el.root.text)
+            if not device or mode is None:
+                log.info("client %s: bad enableBLOB ignored", client.peer)
+                return
+            client.interest.set_blob(device, name, mode)
+            self._add_interest(client, device, "", force=True)
+        elif tag == "pingRequest":
+            self._deliver(client, indi.ping_reply(el.get("uid")), blob=False)
+        elif tag == "pingReply":
+            pass
+        else:
+            log.debug("client %s: %s ignored", client.peer, tag)
+
+    def _add_interest(self, client: Client, device: str, name: str, force: bool = False) -> None:
+        before = force or not client.interest.wants_device(device, name)
+        client.interest.add(device, name)
+        if before:
+            self.backbone.update_interests()
+
+    # -- server → clients -------------------------------------------------------------------
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: list) -> None:
+        if verb not in wire.DRIVER_OUTPUT or not payload:
+            return
+        frame: zmq.Frame = payload[0]
+        data: bytes | memoryview = frame.buffer if len(frame) >= 65536 else frame.bytes
+        blob = flags == wire.FLAG_BLOB
+        for client in list(self.clients.values()):
+            if client.interest.wants(device, name, blob):
+                self._deliver(client, data, blob)
+
+    def _deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> None:
+        queued = client.out.bytes
+        if queued > self.max_queue_bytes:
+            self._drop(client, f"too slow: {queued} bytes queued, over {self.max_queue_bytes}",
+                       level=logging.WARNING)
+            return
+        if blob and queued > self.blob_drop_bytes:
+            client.blobs_dropped += 1
+            if client.blobs_dropped in (1, 10, 100) or client.blobs_dropped % 1000 == 0:
+                log.warning("client %s is %d bytes behind: %d streaming BLOB(s) dropped",
+                            client.peer, queued, client.blobs_dropped)
+            return
+        was_empty = not client.out
+        client.out.push(data)
+        if was_empty:
+            self._flush(client)
+
+    def _flush(self, client: Client) -> None:
+        try:
+            done = client.out.flush(client.fd)
+        except OSError as exc:
+            self._drop(client, f"write error: {exc}")
+            return
+        self.reactor.set_writer(client.fd, None if done else (lambda c=client: self._flush(c)))
+

@@ -1,0 +1,167 @@
+"""A small event loop for workers: file descriptors, one ZeroMQ socket, timers and signals.
+
+One thread, epoll through `selectors`, no busy polling: an idle worker sleeps until its next timer.
+The ZeroMQ socket is watched through its edge-triggered `FD`, so after every pass the loop checks
+`EVENTS` itself and never sleeps while a message is waiting.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+
+import zmq
+
+__all__ = ["Reactor", "Timer"]
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[], None]
+
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callback):
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Reactor:
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._handlers: dict[int, list[Callback | None]] = {}  # fd -> [on_read, on_write]
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._zsock: zmq.Socket | None = None
+        self._zcallback: Callback | None = None
+        self._running = False
+        self._signals: list[int] = []
+        self._signal_handlers: dict[int, Callable[[int], None]] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.add_reader(self._wake_r, self._drain_wakeup)
+
+    # -- file descriptors -------------------------------------------------------------------
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._set(fd, 0, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        self._set(fd, 0, None)
+
+    def set_writer(self, fd: int, callback: Callback | None) -> None:
+        self._set(fd, 1, callback)
+
+    def forget(self, fd: int) -> None:
+        if fd in self._handlers:
+            del self._handlers[fd]
+            self._sel.unregister(fd)
+
+    def _set(self, fd: int, slot: int, callback: Callback | None) -> None:
+        handlers = self._handlers.get(fd)
+        if handlers is None:
+            if callback is None:
+                return
+            handlers = self._handlers[fd] = [None, None]
+            handlers[slot] = callback
+            self._sel.register(fd, self._mask(handlers))
+            return
+        if handlers[slot] is callback:
+            return
+        handlers[slot] = callback
+        if handlers[0] is None and handlers[1] is None:
+            del self._handlers[fd]
+            self._sel.unregister(fd)
+        else:
+            self._sel.modify(fd, self._mask(handlers))
+
+    @staticmethod
+    def _mask(handlers: list[Callback | None]) -> int:
+        return (selectors.EVENT_READ if handlers[0] else 0) | (selectors.EVENT_WRITE if handlers[1] else 0)
+
+    # -- the one ZeroMQ socket --------------------------------------------------------------
+    def add_zmq(self, sock: zmq.Socket, callback: Callback) -> None:
+        """`callback` must read what is waiting (a bounded batch is fine: it is called again)."""
+        self._zsock = sock
+        self._zcallback = callback
+        self.add_reader(int(sock.getsockopt(zmq.FD)), callback)
+
+    def _zmq_ready(self) -> bool:
+        sock = self._zsock
+        return sock is not None and bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+    # -- timers -----------------------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    # -- signals ----------------------------------------------------------------------------
+    def on_signal(self, signum: int, handler: Callable[[int], None]) -> None:
+        """The OS handler only records the signal; `handler` runs later in the loop."""
+        self._signal_handlers[signum] = handler
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signum, self._record_signal)
+
+    def _record_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    # -- the loop ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        self._running = True
+        while self._running:
+            timeout: float | None = None
+            if self._zmq_ready() or self._signals:
+                timeout = 0
+            elif self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.monotonic())
+            for key, mask in self._sel.select(timeout):
+                handlers = self._handlers.get(key.fd)
+                if handlers is None:
+                    continue
+                if mask & selectors.EVENT_READ and handlers[0] is not None:
+                    handlers[0]()
+                if mask & selectors.EVENT_WRITE and handlers[1] is not None and key.fd in self._handlers:
+                    handlers[1]()
+            if self._zcallback is not None and self._zmq_ready():
+                self._zcallback()
+            while self._signals:
+                signum = self._signals.pop(0)
+                handler = self._signal_handlers.get(signum)
+                if handler is not None:
+                    handler(signum)
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                _, _, timer = heapq.heappop(self._timers)
+                if not timer.cancelled:
+                    timer.callback()
+
+    def close(self) -> None:
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
