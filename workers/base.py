@@ -120,7 +120,7 @@ class Worker:
         self.reactor.on_signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the arbiter stops us in order on Ctrl-C
         self.setup()
-        self.status_changed()
+        self._write_status()
         try:
             self.reactor.run()
         finally:

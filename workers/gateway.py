@@ -37,7 +37,8 @@ DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
 
 
 class Client:
-    __slots__ = ("cid", "sock", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed")
+    __slots__ = ("cid", "sock", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
+                 "write_dead")
 
     def __init__(self, cid: int, sock: socket.socket, peer: str, max_element: int):
         self.cid = cid
@@ -49,6 +50,7 @@ class Client:
         self.interest = Interest()
         self.blobs_dropped = 0
         self.closed = False
+        self.write_dead = False  # the peer stopped reading (EPIPE): still read what it sent
 
 
 def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
@@ -217,6 +219,8 @@ class Gateway(Worker):
                 self._deliver(client, data, blob)
 
     def _deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> None:
+        if client.write_dead:
+            return
         queued = client.out.bytes
         if queued > self.max_queue_bytes:
             self._drop(client, f"too slow: {queued} bytes queued, over {self.max_queue_bytes}",
@@ -237,7 +241,11 @@ class Gateway(Worker):
         try:
             done = client.out.flush(client.fd)
         except OSError as exc:
-            self._drop(client, f"write error: {exc}")
-            return
+            # A client that sent its commands and closed (indi_setprop does) must still have
+            # those commands read and routed: stop writing, keep reading until EOF.
+            log.debug("client %s: write failed (%s); reading what is left", client.peer, exc)
+            client.write_dead = True
+            client.out.clear()
+            done = True
         self.reactor.set_writer(client.fd, None if done else (lambda c=client: self._flush(c)))
 

@@ -1,0 +1,7 @@
+"""`python -m indibroker` is the `indibroker` command."""
+
+import sys
+
+from indibroker.broker.cli import main
+
+sys.exit(main())

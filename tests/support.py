@@ -1,0 +1,313 @@
+"""Test support: run real servers (indibroker, indiserver) and talk to them over real sockets.
+
+Everything waits on conditions with deadlines, never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+
+from indibroker.workers.codec import Element, StreamDecoder
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.05,
+               what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class RawClient:
+    """A raw INDI client: a TCP socket and our own codec, every element kept in order."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.sock.setblocking(False)
+        self.decoder = StreamDecoder()
+        self.elements: list[Element] = []
+        self.closed = False
+        self.received_bytes = 0
+
+    def send(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.setblocking(True)
+        self.sock.sendall(data)
+        self.sock.setblocking(False)
+
+    def pump(self, timeout: float = 0.05) -> int:
+        """Read what has arrived within `timeout`; return the number of new elements."""
+        import select
+
+        before = len(self.elements)
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, remaining))
+            if not ready:
+                break
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                break
+            self.received_bytes += len(data)
+            self.elements.extend(self.decoder.feed(data))
+        return len(self.elements) - before
+
+    def wait_for(self, pred: Callable[[Element], bool], timeout: float = 10.0, start: int = 0,
+                 what: str = "element") -> Element:
+        deadline = time.monotonic() + timeout
+        index = start
+        while True:
+            while index < len(self.elements):
+                if pred(self.elements[index]):
+                    return self.elements[index]
+                index += 1
+            if time.monotonic() > deadline:
+                tags = [(e.tag, e.get("device"), e.get("name")) for e in self.elements[-5:]]
+                raise AssertionError(f"timed out waiting for {what}; last seen {tags}")
+            if self.closed:
+                raise AssertionError(f"connection closed while waiting for {what}")
+            self.pump(0.1)
+
+    def wait_closed(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.closed and time.monotonic() < deadline:
+            self.pump(0.1)
+        assert self.closed, "the server did not close the connection"
+
+    def count(self, tag: str | None = None, device: str | None = None, name: str | None = None,
+              start: int = 0) -> int:
+        return sum(1 for e in self.elements[start:] if matches(e, tag, device, name))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def matches(e: Element, tag: str | None = None, device: str | None = None, name: str | None = None) -> bool:
+    return ((tag is None or e.tag == tag) and (device is None or e.get("device") == device)
+            and (name is None or e.get("name") == name))
+
+
+def is_(tag: str | None = None, device: str | None = None,
+        name: str | None = None) -> Callable[[Element], bool]:
+    return lambda e: matches(e, tag, device, name)
+
+
+def member(e: Element, name: str) -> str:
+    for child in e.root:
+        if child.get("name") == name:
+            return (child.text or "").strip()
+    raise KeyError(name)
+
+
+def new_vector(kind: str, device: str, name: str, members: dict[str, str]) -> str:
+    ones = "".join(f'<one{kind} name="{k}">{v}</one{kind}>' for k, v in members.items())
+    return f'<new{kind}Vector device="{device}" name="{name}">{ones}</new{kind}Vector>'
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+class Broker:
+    """`indibroker start` as a real subprocess, with its log kept for failures."""
+
+    def __init__(self, *args: str, port: int | None = None, log_dir: Path | None = None,
+                 runtime_dir: Path | None = None, env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.args = list(args)
+        self.log_path = (log_dir or Path("/tmp")) / f"indibroker-{self.port}.log"
+        self.runtime_dir = runtime_dir
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.known: list[psutil.Process] = []
+
+    @property
+    def base_args(self) -> list[str]:
+        args = ["--port", str(self.port)]
+        if self.runtime_dir is not None:
+            args += ["--runtime-dir", str(self.runtime_dir)]
+        return args
+
+    def start(self, wait: bool = True) -> Broker:
+        self._log = open(self.log_path, "wb")
+        env = dict(os.environ)
+        env.update(self.env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "indibroker", "start", *self.base_args, *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+        if wait:
+            wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 20,
+                       what="indibroker to listen")
+            assert self.proc.poll() is None, f"indibroker exited early:\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        extra = ["--port", str(self.port)]
+        if self.runtime_dir is not None:
+            extra += ["--runtime-dir", str(self.runtime_dir)]
+        return subprocess.run([sys.executable, "-m", "indibroker", *args, *extra],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def status(self) -> list[dict[str, Any]]:
+        import json
+
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    def row(self, name: str) -> dict[str, Any]:
+        for row in self.status():
+            if row["name"] == name:
+                return row
+        raise KeyError(name)
+
+    def tree(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        procs = process_tree(self.proc.pid)
+        for p in procs:
+            if p.pid not in {k.pid for k in self.known}:
+                self.known.append(p)
+        return procs
+
+    def stop(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        self.tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise AssertionError(f"indibroker did not stop within {timeout} s:\n{self.log()}") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def leftovers(self, timeout: float = 5) -> list[psutil.Process]:
+        deadline = time.monotonic() + timeout
+        left = alive(self.known)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = alive(self.known)
+        return left
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            for p in alive(self.known):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+
+
+class IndiServer:
+    """The real indiserver from indi-bin, for comparisons and chaining."""
+
+    def __init__(self, *drivers: str, port: int | None = None, extra: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self.drivers = drivers
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> IndiServer:
+        self.proc = subprocess.Popen(["indiserver", "-p", str(self.port), *self.extra, *self.drivers],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_until(lambda: port_open(self.port), 15, what="indiserver to listen")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def getprop(port: int, *patterns: str, timeout: int = 3) -> dict[str, str]:
+    """`indi_getprop` output as {"dev.prop.elem": value}."""
+    result = subprocess.run(["indi_getprop", "-p", str(port), "-t", str(timeout), *patterns],
+                            capture_output=True, text=True, timeout=timeout + 20)
+    out = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def setprop(port: int, *assignments: str) -> None:
+    result = subprocess.run(["indi_setprop", "-p", str(port), *assignments],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+
+
+@contextlib.contextmanager
+def clients(port: int, n: int) -> Iterator[list[RawClient]]:
+    made = [RawClient(port) for _ in range(n)]
+    try:
+        yield made
+    finally:
+        for c in made:
+            c.close()
