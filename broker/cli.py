@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("-p", "--port", type=int, help="TCP port for INDI clients (default 7624)")
     start.add_argument("--exdriver", action="append", default=[], metavar='"CMD ARGS"',
                        help="an executable INDI driver (repeatable)")
+    start.add_argument("--driver", action="append", default=[], metavar="PACKAGE.MODULE:ATTR",
+                       help="a Python (indipydriver) driver object or factory, in its own process "
+                            "(repeatable)")
     start.add_argument("--gateways", type=int, help="client gateway processes sharing the port")
     start.add_argument("--maxconnections", type=int, help="most clients at once (0: unlimited)")
     start.add_argument("-r", "--max-restarts", type=int, dest="max_restarts",
@@ -79,6 +82,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not argv:
             raise ConfigError("--exdriver: empty command")
         config.drivers.append(DriverConfig(argv=argv))
+    for spec in args.driver:
+        config.drivers.append(DriverConfig.python(spec))
     if args.no_demo:
         config.demo = False
     if args.verbose:

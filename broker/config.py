@@ -34,12 +34,25 @@ class DriverConfig:
     name: str = ""
     env: dict[str, str] = field(default_factory=dict)
     restart: dict[str, Any] = field(default_factory=dict)
+    # indipydriver 3.1.2 drivers crash on a snooped <message> (events.message typo), so Python
+    # drivers get snooped property traffic but not messages; executables get both, as indiserver.
+    snoop_messages: bool = True
+
+    @classmethod
+    def python(cls, spec: str, name: str = "", **kw: Any) -> DriverConfig:
+        """A Python driver given as ``package.module:attribute``, run in its own process."""
+        from indibroker.workers.pydriver import argv_for
+
+        if ":" not in spec:
+            raise ConfigError(f"python driver {spec!r}: expected package.module:attribute")
+        return cls(argv=argv_for(spec), name=name or spec.rpartition(":")[2], snoop_messages=False, **kw)
 
     def to_spec(self, config: Config) -> dict[str, Any]:
         restart = {**config.restart, **self.restart}
         return {
             "name": self.name, "argv": self.argv, "env": self.env, "restart": restart,
             "queue_bytes": int(config.driver_queue_mb * MB), "hang_timeout": config.hang_timeout,
+            "snoop_messages": self.snoop_messages,
         }
 
 
@@ -136,10 +149,23 @@ def load_toml(path: str | Path, config: Config | None = None) -> Config:
 def _driver_table(where: str, table: Any) -> DriverConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
-    known = {"command", "name", "env", "restart"}
+    known = {"command", "python", "name", "env", "restart", "snoop_messages"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    if ("command" in table) == ("python" in table):
+        raise ConfigError(f"{where}: give exactly one of command (an executable) or python (module:attr)")
+    env = table.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{where}.env: expected a table of strings")
+    name = _check_type(f"{where}.name", table.get("name", ""), "str")
+    restart = _restart_table(f"{where}.restart", table.get("restart", {}))
+    if "python" in table:
+        spec = _check_type(f"{where}.python", table["python"], "str")
+        try:
+            return DriverConfig.python(spec, name=name, env=dict(env), restart=restart)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.python: {exc}") from None
     command = table.get("command")
     if isinstance(command, str):
         argv = shlex.split(command)
@@ -149,9 +175,5 @@ def _driver_table(where: str, table: Any) -> DriverConfig:
         raise ConfigError(f"{where}.command: expected a command line or a list of arguments")
     if not argv:
         raise ConfigError(f"{where}.command: empty")
-    env = table.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        raise ConfigError(f"{where}.env: expected a table of strings")
-    name = _check_type(f"{where}.name", table.get("name", ""), "str")
-    restart = _restart_table(f"{where}.restart", table.get("restart", {}))
-    return DriverConfig(argv=argv, name=name, env=dict(env), restart=restart)
+    snoop_messages = _check_type(f"{where}.snoop_messages", table.get("snoop_messages", True), "bool")
+    return DriverConfig(argv=argv, name=name, env=dict(env), restart=restart, snoop_messages=snoop_messages)

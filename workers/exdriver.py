@@ -54,6 +54,7 @@ class DriverSpec:
     queue_bytes: int = DEFAULT_QUEUE_BYTES
     hang_timeout: float = DEFAULT_HANG_TIMEOUT
     max_element: int = DEFAULT_MAX_ELEMENT
+    snoop_messages: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DriverSpec:
@@ -64,6 +65,7 @@ class DriverSpec:
             queue_bytes=int(data.get("queue_bytes", DEFAULT_QUEUE_BYTES)),
             hang_timeout=float(data.get("hang_timeout", DEFAULT_HANG_TIMEOUT)),
             max_element=int(data.get("max_element", DEFAULT_MAX_ELEMENT)),
+            snoop_messages=bool(data.get("snoop_messages", True)),
         )
 
 
@@ -434,11 +436,12 @@ class ExDriverWorker(Worker):
             for driver in [owner] if owner is not None else list(self.drivers.values()):
                 if driver.running:
                     self._to_driver(driver, request)
-        elif verb in wire.DRIVER_OUTPUT and payload:
+        elif verb in wire.DRIVER_OUTPUT and payload and device:
             blob = flags == wire.FLAG_BLOB
             data = None
             for driver in self.drivers.values():
-                if driver.running and device not in driver.devices and device and \
+                if driver.running and device not in driver.devices and \
+                        (verb != wire.MSG or driver.spec.snoop_messages) and \
                         driver.interest.wants(device, name, blob):
                     if data is None:
                         data = payload[0].bytes

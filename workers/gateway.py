@@ -9,9 +9,14 @@ anyone else wait. Bad input drops the offending client alone.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
+import os
+import random
 import socket
+import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -34,11 +39,38 @@ READS_PER_TURN = 4  # then let other clients and the backbone have their turn
 DEFAULT_CLIENT_MAX_ELEMENT = 16 * 1024 * 1024
 DEFAULT_BLOB_DROP_BYTES = 5 * 1024 * 1024  # indiserver -d
 DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
+ADMIT_GRACE = 0.5  # seconds a connection over maxconnections waits for a slot before refusal
+
+
+class ConnectionSlots:
+    """`maxconnections` across every gateway process: one lock file per allowed connection.
+
+    A gateway takes a free slot (flock, non-blocking) for each client and closes it when the
+    client goes. The kernel releases the locks of a gateway that dies, so slots never leak.
+    """
+
+    def __init__(self, directory: Path, count: int):
+        self.directory = directory
+        self.count = count
+        directory.mkdir(mode=0o700, exist_ok=True)
+
+    def take(self) -> int | None:
+        """An open, locked slot fd, or None when every slot is taken."""
+        start = random.randrange(self.count)
+        for i in range(self.count):
+            path = self.directory / str((start + i) % self.count)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                os.close(fd)
+        return None
 
 
 class Client:
     __slots__ = ("cid", "sock", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
-                 "write_dead")
+                 "write_dead", "slot")
 
     def __init__(self, cid: int, sock: socket.socket, peer: str, max_element: int):
         self.cid = cid
@@ -51,6 +83,7 @@ class Client:
         self.blobs_dropped = 0
         self.closed = False
         self.write_dead = False  # the peer stopped reading (EPIPE): still read what it sent
+        self.slot = -1  # its ConnectionSlots lock, when maxconnections is set
 
 
 def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
@@ -87,6 +120,8 @@ class Gateway(Worker):
         self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
         self.listener: socket.socket | None = None
         super().__init__(spec)
+        self.slots = (ConnectionSlots(self.runtime.path / "slots", self.maxconnections)
+                      if self.maxconnections else None)
 
     # -- lifecycle --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -121,18 +156,41 @@ class Gateway(Worker):
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 return
-            peer = f"{addr[0]}:{addr[1]}"
-            if self.maxconnections and len(self.clients) >= self.maxconnections:
-                log.warning("refused %s: maxconnections (%d) reached", peer, self.maxconnections)
-                sock.close()
-                continue
+            self._admit(sock, f"{addr[0]}:{addr[1]}", time.monotonic() + ADMIT_GRACE)
+
+    def _admit(self, sock: socket.socket, peer: str, deadline: float) -> None:
+        """Take a connection slot; when all are taken, wait a moment (a client that has just
+        closed may not have been noticed yet), then refuse."""
+        slot = -1
+        if self.slots is not None:
+            taken = self.slots.take()
+            if taken is None:
+                if time.monotonic() < deadline:
+                    self.reactor.call_later(0.05, lambda: self._admit(sock, peer, deadline))
+                else:
+                    self._refuse(sock, peer)
+                return
+            slot = taken
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = Client(next(self._ids), sock, peer, self.max_element)
+        client.slot = slot
+        self.clients[client.fd] = client
+        self.reactor.add_reader(client.fd, lambda c=client: self._readable(c))
+        log.info("client %s connected (%d now)", peer, len(self.clients))
+        self.status_changed()
+
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
+        """Over maxconnections: say why in INDI, then close (no reset: the client reads it)."""
+        log.warning("refused %s: maxconnections (%d) reached", peer, self.maxconnections)
+        try:
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = Client(next(self._ids), sock, peer, self.max_element)
-            self.clients[client.fd] = client
-            self.reactor.add_reader(client.fd, lambda c=client: self._readable(c))
-            log.info("client %s connected (%d now)", peer, len(self.clients))
-            self.status_changed()
+            sock.send(indi.message(f"indibroker: too many connections (maxconnections is "
+                                   f"{self.maxconnections}); try again later"))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
 
     def _drop(self, client: Client, why: str, level: int = logging.INFO) -> None:
         if client.closed:
@@ -146,6 +204,9 @@ class Gateway(Worker):
             client.sock.close()
         except OSError:
             pass
+        if client.slot >= 0:
+            os.close(client.slot)
+            client.slot = -1
         self.backbone.update_interests()
         self.status_changed()
 
