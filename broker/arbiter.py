@@ -79,7 +79,7 @@ class Arbiter:
         cfg = self.config
         self.children.append(Child("broker", "broker", {"name": "broker"}))
         drivers = list(cfg.drivers)
-        if not drivers and cfg.demo and not cfg.fifo:
+        if not drivers and not cfg.remotes and cfg.demo and not cfg.fifo:
             drivers.append(DriverConfig(argv=[sys.executable, "-m", "indibroker.workers.demo"],
                                         name="demo"))
         for i in range(max(1, cfg.gateways)):
@@ -90,6 +90,8 @@ class Arbiter:
                 "max_queue_bytes": int(cfg.client_max_mb * MB),
                 "max_element": int(cfg.client_max_element_mb * MB),
             }))
+        for remote in cfg.remotes:
+            self.children.append(Child(remote.name, "remote", remote.to_spec()))
         groups = max(1, min(cfg.exdriver_workers, len(drivers)))
         for i in range(groups if drivers else 0):
             self._new_exdriver_worker(i)

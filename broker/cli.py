@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from indibroker.broker.config import Config, DriverConfig, load_toml
+from indibroker.broker.config import Config, DriverConfig, RemoteConfig, load_toml
 from indibroker.broker.control import request
 from indibroker.broker.errors import ConfigError, ControlError, IndibrokerError
 from indibroker.broker.runtime import RuntimeDir, configure_logging
@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--driver", action="append", default=[], metavar="PACKAGE.MODULE:ATTR",
                        help="a Python (indipydriver) driver object or factory, in its own process "
                             "(repeatable)")
+    start.add_argument("--remote", action="append", default=[], metavar="[DEVICE@]HOST[:PORT]",
+                       help="serve another INDI server's devices (repeatable; indiserver's form)")
+    start.add_argument("--remote-blobs", action="store_true", dest="remote_blobs",
+                       help="also pass BLOBs from the --remote servers")
     start.add_argument("--gateways", type=int, help="client gateway processes sharing the port")
     start.add_argument("--maxconnections", type=int, help="most clients at once (0: unlimited)")
     start.add_argument("-r", "--max-restarts", type=int, dest="max_restarts",
@@ -82,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not argv:
             raise ConfigError("--exdriver: empty command")
         config.drivers.append(DriverConfig(argv=argv))
+    for remote in args.remote:
+        config.remotes.append(RemoteConfig.parse(remote, blob_enable=args.remote_blobs))
     for spec in args.driver:
         config.drivers.append(DriverConfig.python(spec))
     if args.no_demo:

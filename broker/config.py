@@ -17,7 +17,7 @@ from typing import Any
 from indibroker.broker.errors import ConfigError
 from indibroker.broker.supervision import RestartPolicy
 
-__all__ = ["Config", "DriverConfig", "load_toml", "default_gateways", "driver_name"]
+__all__ = ["Config", "DriverConfig", "RemoteConfig", "load_toml", "default_gateways", "driver_name"]
 
 MB = 1024 * 1024
 
@@ -57,6 +57,31 @@ class DriverConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Another INDI server whose devices we serve (indiserver's ``[device]@host[:port]``)."""
+
+    host: str
+    port: int = 7624
+    device: str = ""  # only this device, as indiserver's device@host:port
+    blob_enable: bool = False
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str, blob_enable: bool = False) -> RemoteConfig:
+        """``[device@]host[:port]``, as on indiserver's command line."""
+        device, at, rest = text.rpartition("@")
+        host, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+        if not host or (colon and not port.isdigit()):
+            raise ConfigError(f"remote {text!r}: expected [device@]host[:port]")
+        return cls(host=host, port=int(port) if colon else 7624, device=device if at else "",
+                   blob_enable=blob_enable)
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"name": self.name, "host": self.host, "port": self.port, "device": self.device,
+                "blob_enable": self.blob_enable}
+
+
+@dataclass
 class Config:
     host: str = "localhost"
     port: int = 7624
@@ -64,6 +89,7 @@ class Config:
     maxconnections: int = 0  # 0: unlimited
     exdriver_workers: int = 1
     drivers: list[DriverConfig] = field(default_factory=list)
+    remotes: list[RemoteConfig] = field(default_factory=list)
     demo: bool = True  # serve the demo driver when nothing else is configured
     blob_drop_mb: float = 5.0  # indiserver -d
     client_max_mb: float = 128.0  # indiserver -m
@@ -84,6 +110,8 @@ class Config:
             elif driver.name in taken:
                 raise ConfigError(f"two drivers are named {driver.name!r}")
             taken.add(driver.name)
+        for i, remote in enumerate(self.remotes):
+            remote.name = remote.name or f"remote-{i}"
 
 
 def driver_name(argv: list[str], env: dict[str, str], taken: set[str]) -> str:
@@ -94,7 +122,7 @@ def driver_name(argv: list[str], env: dict[str, str], taken: set[str]) -> str:
     return name
 
 
-_SCALARS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("drivers", "restart")}
+_SCALARS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("drivers", "remotes", "restart")}
 _RESTART_KEYS = {f.name: f.type for f in dataclasses.fields(RestartPolicy)}
 
 
@@ -139,11 +167,29 @@ def load_toml(path: str | Path, config: Config | None = None) -> Config:
                 raise ConfigError(f"{where}: expected [[driver]] tables")
             for i, table in enumerate(value):
                 config.drivers.append(_driver_table(f"{path}: driver[{i}]", table))
+        elif key == "remote":
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: expected [[remote]] tables")
+            for i, table in enumerate(value):
+                config.remotes.append(_remote_table(f"{path}: remote[{i}]", table))
         elif key in _SCALARS:
             setattr(config, key, _check_type(where, value, str(_SCALARS[key].type)))
         else:
             raise ConfigError(f"{where}: unknown key")
     return config
+
+
+def _remote_table(where: str, table: Any) -> RemoteConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    kinds = {"host": "str", "port": "int", "device": "str", "blob_enable": "bool", "name": "str"}
+    for key, value in table.items():
+        if key not in kinds:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(kinds))})")
+        _check_type(f"{where}.{key}", value, kinds[key])
+    if "host" not in table:
+        raise ConfigError(f"{where}.host: missing")
+    return RemoteConfig(**table)
 
 
 def _driver_table(where: str, table: Any) -> DriverConfig:

@@ -38,6 +38,7 @@ class Broker:
         self.sock.bind(endpoint)
         self.routed = 0
         self.dropped = 0
+        self.echoes = 0  # a device arriving over a second path (a cycle of servers), dropped
         self._dropped_logged = 0.0
 
     def close(self) -> None:
@@ -64,6 +65,9 @@ class Broker:
         if verb == wire.HB:
             self._send(ident, [wire.header(wire.HB)])
         elif verb in wire.DRIVER_OUTPUT:
+            if not table.accepts(ident, device):
+                self.echoes += 1
+                return
             if verb == wire.DEF and device:
                 previous = table.claim(ident, device)
                 if previous is not None:
@@ -136,6 +140,7 @@ class Broker:
             "peers": len(self.table.peers),
             "devices": sorted(self.table.owners),
             "dropped": self.dropped,
+            "echoes": self.echoes,
         }
 
 

@@ -20,7 +20,7 @@ __all__ = ["Peer", "RoutingTable"]
 @dataclass
 class Peer:
     ident: bytes
-    role: str  # "gateway" or "driver"
+    role: str  # "gateway", "driver" or "remote" (a bridge to another server: a driver that defers)
     name: str
     devices: set[str] = field(default_factory=set)
     # (device, name) -> WANT_* bits; "" device = all devices, "" name = whole device
@@ -124,4 +124,13 @@ class RoutingTable:
         return out
 
     def drivers(self) -> list[bytes]:
-        return [i for i, p in self.peers.items() if p.role == "driver"]
+        return [i for i, p in self.peers.items() if p.role != "gateway"]
+
+    def accepts(self, ident: bytes, device: str) -> bool:
+        """May this peer speak for `device`? A remote bridge defers to any other owner: a device
+        reaches us from one source only, which is what bounds traffic in a cycle of servers."""
+        peer = self.peers.get(ident)
+        if peer is None or peer.role != "remote" or not device:
+            return True
+        owner = self.owners.get(device)
+        return owner is None or owner == ident

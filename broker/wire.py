@@ -75,7 +75,7 @@ def parse_hello(payload: bytes) -> dict[str, Any]:
     data = json.loads(payload)
     if not isinstance(data, dict) or data.get("wire") != WIRE_VERSION:
         raise ValueError(f"wire version {data.get('wire') if isinstance(data, dict) else '?'}")
-    if data.get("role") not in ("gateway", "driver"):
+    if data.get("role") not in ("gateway", "driver", "remote"):
         raise ValueError(f"unknown role {data.get('role')!r}")
     devices = data.get("devices", [])
     if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):

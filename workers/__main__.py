@@ -23,6 +23,10 @@ def main() -> int:
         from indibroker.workers.exdriver import ExDriverWorker
 
         return ExDriverWorker.main()
+    if kind == "remote":
+        from indibroker.workers.remote import RemoteBridge
+
+        return RemoteBridge.main()
     sys.stderr.write(f"unknown worker kind {kind!r}\n")
     return 2
 

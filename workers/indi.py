@@ -14,7 +14,7 @@ from indibroker.broker import wire
 
 __all__ = [
     "BlobMode", "PROTOCOL_VERSION", "CLIENT_NEW", "DRIVER_VERBS", "get_properties", "ping_reply",
-    "message", "del_property", "timestamp",
+    "message", "del_property", "timestamp", "enable_blob",
 ]
 
 PROTOCOL_VERSION = "1.7"
@@ -67,6 +67,14 @@ def ping_reply(uid: str) -> bytes:
 
 def message(text: str, device: str = "") -> bytes:
     return _xml("message", device=device, timestamp=timestamp(), message=text)
+
+
+def enable_blob(device: str, mode: BlobMode, name: str = "") -> bytes:
+    el = etree.Element("enableBLOB", device=device)
+    if name:
+        el.set("name", name)
+    el.text = mode.value
+    return etree.tostring(el) + b"\n"
 
 
 def del_property(device: str, name: str = "") -> bytes:

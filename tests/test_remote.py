@@ -1,0 +1,146 @@
+"""Issue 5: remote bridges, trees of INDI servers that heal themselves.
+
+Real indiserver with real simulators at the root, indibroker instances chained to it, and the real
+indiserver chained to an indibroker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from support import IndiServer, clients, free_port, getprop, is_, member, new_vector, setprop, wait_until
+
+pytestmark = pytest.mark.usefixtures("indi_bin")
+
+SCOPE = "Telescope Simulator"
+CCD = "CCD Simulator"
+PYSCRIPTS = str(Path(__file__).parent / "pyscripts")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    path = tmp_path / "home"
+    path.mkdir()
+    monkeypatch.setenv("HOME", str(path))  # the indiserver we start inherits it too
+    return {"HOME": str(path)}
+
+
+def test_three_levels_slew_through_the_tree(broker_factory, home):
+    with IndiServer("indi_simulator_telescope", extra=("-u", f"/tmp/indiserver-{os.getpid()}-3l")) as root:
+        a = broker_factory("--remote", f"127.0.0.1:{root.port}", env=home)
+        b = broker_factory("--remote", f"localhost:{a.port}", "--exdriver", "python3 -m indibroker.workers.demo",
+                           env=home)
+        props = wait_until(lambda: (p := getprop(b.port)) and f"{SCOPE}.CONNECTION.CONNECT" in p and p, 30,
+                           what="the telescope at level B")
+        assert any(k.startswith("Thermostat.") for k in props)  # B's own driver beside it
+        setprop(b.port, f"{SCOPE}.CONNECTION.CONNECT=On")
+        wait_until(lambda: getprop(b.port, f"{SCOPE}.CONNECTION.*").get(f"{SCOPE}.CONNECTION.CONNECT") == "On",
+                   20, what="the telescope connected through B")
+        with clients(b.port, 1) as (watcher,):
+            watcher.send(f'<getProperties version="1.7" device="{SCOPE}"/>')
+            first = watcher.wait_for(is_("setNumberVector", SCOPE, "EQUATORIAL_EOD_COORD"), 20)
+            start_dec = float(member(first, "DEC"))
+            setprop(b.port, f"{SCOPE}.ON_COORD_SET.TRACK=On")
+            setprop(b.port, f"{SCOPE}.EQUATORIAL_EOD_COORD.RA;DEC=5;{start_dec - 20:.1f}")
+            moved = watcher.wait_for(lambda e: is_("setNumberVector", SCOPE, "EQUATORIAL_EOD_COORD")(e)
+                                     and abs(float(member(e, "DEC")) - start_dec) > 1.0, 60,
+                                     what="the coordinates to change during the slew")
+            assert float(member(moved, "DEC")) < start_dec
+
+
+def test_root_restart_heals_without_reconnecting(broker_factory, home):
+    port = free_port()
+    sock = f"/tmp/indiserver-{os.getpid()}-heal"
+    root = IndiServer("indi_simulator_telescope", port=port, extra=("-u", sock)).__enter__()
+    try:
+        a = broker_factory("--remote", f"127.0.0.1:{port}", env=home)
+        b = broker_factory("--remote", f"127.0.0.1:{a.port}", "--driver", "rig:make_thermo",
+                           env={**home, "PYTHONPATH": PYSCRIPTS})
+        with clients(b.port, 1) as (c,):
+            c.send('<getProperties version="1.7"/>')
+            c.wait_for(is_("defSwitchVector", SCOPE, "CONNECTION"), 30)
+            c.wait_for(is_("setNumberVector", "thermo", "TEMPERATURE"), 20)
+            demo_pid = next(r["pid"] for r in b.status() if r["role"] == "driver")
+            root.__exit__(None, None, None)
+            mark = len(c.elements)
+            c.wait_for(is_("delProperty", SCOPE), 15, start=mark, what="the telescope's delProperty")
+            c.wait_for(lambda e: e.tag == "message" and "lost" in e.get("message"), 15, start=mark)
+            root = IndiServer("indi_simulator_telescope", port=port, extra=("-u", sock)).__enter__()
+            restarted = time.monotonic()
+            c.wait_for(is_("defSwitchVector", SCOPE, "CONNECTION"), 15, start=mark,
+                       what="the telescope defined again")
+            assert time.monotonic() - restarted < 15
+            assert not c.closed
+            # B's local driver never stopped, and kept talking throughout.
+            assert next(r["pid"] for r in b.status() if r["role"] == "driver") == demo_pid
+            c.pump(2.0)
+            thermo = c.count("setNumberVector", "thermo", start=mark)
+            assert thermo >= 5, "the local driver's traffic stopped"
+    finally:
+        root.__exit__(None, None, None)
+
+
+def test_blob_travels_the_tree_only_where_enabled(broker_factory, home):
+    with IndiServer("indi_simulator_ccd", extra=("-u", f"/tmp/indiserver-{os.getpid()}-blob")) as root:
+        a = broker_factory("--remote", f"127.0.0.1:{root.port}", "--remote-blobs", env=home)
+        b = broker_factory("--remote", f"127.0.0.1:{a.port}", "--remote-blobs", env=home)
+        with clients(b.port, 3) as (wants, never, control):
+            for c in (wants, never, control):
+                c.send('<getProperties version="1.7"/>')
+            wants.send(f'<enableBLOB device="{CCD}">Also</enableBLOB>')
+            control.wait_for(is_("defSwitchVector", CCD, "CONNECTION"), 30)
+            control.send(new_vector("Switch", CCD, "CONNECTION", {"CONNECT": "On"}))
+            control.wait_for(is_("defNumberVector", CCD, "CCD_EXPOSURE"), 30)
+            control.send(new_vector("Number", CCD, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": "1"}))
+            blob = wants.wait_for(is_("setBLOBVector", CCD), 40, what="the BLOB at level B")
+            assert int(blob.root[0].get("size")) > 1_000_000
+            control.wait_for(lambda e: is_("setNumberVector", CCD, "CCD_EXPOSURE")(e) and e.get("state") == "Ok",
+                             20)
+            never.pump(1.0)
+            assert never.count("setBLOBVector") == 0
+            assert never.count("setNumberVector", CCD, "CCD_EXPOSURE") > 0
+
+
+def test_indiserver_chains_to_indibroker_python_driver(broker_factory, home):
+    b = broker_factory("--driver", "rig:make_led", env={**home, "PYTHONPATH": PYSCRIPTS})
+    wait_until(lambda: "led.LED.LED_ON" in getprop(b.port, "led.LED.*"), 30, what="the led driver")
+    with IndiServer(f"led@127.0.0.1:{b.port}", extra=("-u", f"/tmp/indiserver-{os.getpid()}-chain")) as top:
+        wait_until(lambda: getprop(top.port, "led.LED.*").get("led.LED.LED_ON") == "Off", 30,
+                   what="indiserver serving the led through indibroker")
+        setprop(top.port, "led.LED.LED_ON=On")
+        wait_until(lambda: getprop(top.port, "led.LED.*").get("led.LED.LED_ON") == "On", 20,
+                   what="the led switched through indiserver")
+        assert getprop(b.port, "led.LED.*").get("led.LED.LED_ON") == "On"
+
+
+def test_cycle_of_servers_is_bounded(broker_factory, home):
+    env = {**home, "PYTHONPATH": PYSCRIPTS}
+    port_a, port_b = free_port(), free_port()
+    a = broker_factory("--driver", "rig:make_thermo", "--remote", f"127.0.0.1:{port_b}", port=port_a, env=env)
+    b = broker_factory("--driver", "rig:make_led", "--remote", f"127.0.0.1:{port_a}", port=port_b, env=env)
+    with clients(a.port, 1) as (c,), clients(b.port, 1) as (d,):
+        for x in (c, d):
+            x.send('<getProperties version="1.7"/>')
+            x.wait_for(is_("defNumberVector", "thermo"), 30)
+            x.wait_for(is_("defSwitchVector", "led"), 30)
+        # The thermostat sends about 3 updates a second. Measure what each client gets.
+        c.pump(0.5)
+        d.pump(0.5)
+        c_mark, d_mark = len(c.elements), len(d.elements)
+        c_bytes, d_bytes = c.received_bytes, d.received_bytes
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4:
+            c.pump(0.1)
+            d.pump(0.1)
+        seconds = time.monotonic() - t0
+        for x, mark, start_bytes in ((c, c_mark, c_bytes), (d, d_mark, d_bytes)):
+            temps = x.count("setNumberVector", "thermo", "TEMPERATURE", start=mark)
+            assert 2 <= temps / seconds <= 6, temps / seconds  # the source rate, once: no echoes
+            assert (x.received_bytes - start_bytes) / seconds < 20_000
+        # Every server still serves both devices and commands still reach the right driver.
+        d.send(new_vector("Switch", "led", "LED", {"LED_ON": "On"}))
+        on = c.wait_for(lambda e: is_("setSwitchVector", "led", "LED")(e) and member(e, "LED_ON") == "On", 15)
+        assert on is not None

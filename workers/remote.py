@@ -1,0 +1,246 @@
+"""The remote bridge: another INDI server's devices, served as if they were ours.
+
+The bridge is an INDI client of the remote server (indiserver, indipyserver or another
+indibroker) and a driver on our backbone: it owns the devices the remote defines, passes our
+clients' getProperties and new*Vector up, and the remote's traffic (BLOBs too, when enabled) down.
+When the remote is down or drops, it retries with capped backoff, tells clients with a `message`,
+and on reconnect the devices are defined again; the rest of the server never notices.
+
+Cycles (A bridges to B and B to A) are bounded, not detected: the broker accepts a device from
+one source only, so a device that comes back around is dropped one hop later; a client's
+getProperties for everything goes up as one request per device the remote has defined (a
+device-less one goes up only when we connect), so it cannot circle; and a device-less `message`
+already seen in the last few seconds is not published again.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import hashlib
+import logging
+import socket
+import time
+from typing import Any
+
+from indibroker.broker import wire
+from indibroker.broker.errors import MalformedInput
+from indibroker.workers import indi
+from indibroker.workers.base import Worker
+from indibroker.workers.codec import DEFAULT_MAX_ELEMENT, Element, StreamDecoder
+from indibroker.workers.outqueue import OutQueue
+from indibroker.workers.reactor import Timer
+
+__all__ = ["RemoteBridge"]
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 5.0
+ECHO_WINDOW = 5.0  # a device-less message seen this recently is not published again
+UPSTREAM_QUEUE_BYTES = 16 * 1024 * 1024
+
+
+class RemoteBridge(Worker):
+    role = "remote"
+    backbone_role = "remote"
+
+    def __init__(self, spec: dict[str, Any]):
+        self.host: str = spec["host"]
+        self.port = int(spec.get("port", 7624))
+        self.only_device: str = spec.get("device", "")
+        self.blob_enable = bool(spec.get("blob_enable", False))
+        self.devices: set[str] = set()
+        self.sock: socket.socket | None = None
+        self.connected = False
+        self.decoder = StreamDecoder(max_element=int(spec.get("max_element", DEFAULT_MAX_ELEMENT)))
+        self.upstream = OutQueue()
+        self.attempt = 0
+        self.connects = 0
+        self._retry: Timer | None = None
+        self._recent_messages: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._down_since: float | None = None
+        super().__init__(spec)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -- worker hooks -----------------------------------------------------------------------
+    def setup(self) -> None:
+        self._connect()
+
+    def shutdown(self) -> None:
+        self._close()
+
+    def owned_devices(self) -> list[str]:
+        return sorted(self.devices)
+
+    def status(self) -> dict[str, Any]:
+        return {"remote": self.where, "connected": self.connected, "devices": sorted(self.devices),
+                "connects": self.connects}
+
+    # -- the connection ---------------------------------------------------------------------
+    def _connect(self) -> None:
+        self._retry = None
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+            family, _, _, _, addr = sorted(infos, key=lambda i: i[0] != socket.AF_INET)[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            self._lost(f"cannot resolve {self.where}: {exc}")
+            return
+        sock.setblocking(False)
+        code = sock.connect_ex(addr)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._lost(f"cannot connect to {self.where}: {errno.errorcode.get(code, code)}")
+            return
+        self.sock = sock
+        self.reactor.set_writer(sock.fileno(), self._connected)
+
+    def _connected(self) -> None:
+        assert self.sock is not None
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._lost(f"cannot connect to {self.where}: {errno.errorcode.get(code, code)}")
+            return
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reactor.set_writer(self.sock.fileno(), None)
+        self.reactor.add_reader(self.sock.fileno(), self._readable)
+        self.connected = True
+        self.connects += 1
+        self.attempt = 0
+        self.decoder = StreamDecoder(max_element=self.decoder.max_element)
+        log.info("connected to remote %s", self.where)
+        if self._down_since is not None:
+            self.backbone.send(wire.MSG, "", "", b"", [indi.message(
+                f"indibroker: remote INDI server {self.where} is back")])
+            self._down_since = None
+        self._up(indi.get_properties(self.only_device))
+        self.status_changed()
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.reactor.forget(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        self.connected = False
+        self.upstream.clear()
+
+    def _lost(self, why: str) -> None:
+        was_connected = self.connected
+        self._close()
+        for device in sorted(self.devices):
+            self.backbone.send(wire.DEL, device, "", b"", [indi.del_property(device)])
+        if was_connected or self.attempt == 0:
+            text = f"indibroker: remote INDI server {self.where} lost ({why}); reconnecting"
+            log.warning("%s", text)
+            for device in sorted(self.devices) or [""]:
+                self.backbone.send(wire.MSG, device, "", b"", [indi.message(text, device)])
+        self.devices.clear()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        delay = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** self.attempt)
+        self.attempt += 1
+        self._retry = self.reactor.call_later(delay, self._connect)
+        self.status_changed()
+
+    # -- remote → us ------------------------------------------------------------------------
+    def _readable(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(str(exc))
+            return
+        if not data:
+            self._lost("connection closed")
+            return
+        try:
+            elements = self.decoder.feed(data)
+        except MalformedInput as exc:
+            log.warning("remote %s sent malformed XML (dropped, resynchronising): %s", self.where, exc)
+            return
+        for element in elements:
+            self._from_remote(element)
+
+    def _from_remote(self, el: Element) -> None:
+        tag = el.tag
+        verb = indi.DRIVER_VERBS.get(tag)
+        if verb is None:
+            if tag == "pingRequest":
+                self._up(indi.ping_reply(el.get("uid")))
+            return
+        device = el.get("device")
+        name = el.get("name")
+        if self.only_device and device and device != self.only_device:
+            return
+        if not device:
+            if verb == wire.MSG and self._seen_recently(el.raw):
+                return
+        elif verb == wire.DEF and device not in self.devices:
+            self.devices.add(device)
+            if self.blob_enable:
+                self._up(indi.enable_blob(device, indi.BlobMode.ALSO))
+            self.status_changed()
+        elif verb == wire.DEL and not name:
+            self.devices.discard(device)
+            self.status_changed()
+        flags = wire.FLAG_BLOB if tag == "setBLOBVector" else b""
+        self.backbone.send(verb, device, name, flags, [el.raw])
+
+    def _seen_recently(self, raw: bytes) -> bool:
+        now = time.monotonic()
+        recent = self._recent_messages
+        while recent and next(iter(recent.values())) < now - ECHO_WINDOW:
+            recent.popitem(last=False)
+        key = hashlib.blake2b(raw, digest_size=16).digest()
+        if key in recent:
+            return True
+        recent[key] = now
+        if len(recent) > 4096:
+            recent.popitem(last=False)
+        return False
+
+    # -- us → remote ------------------------------------------------------------------------
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: list) -> None:
+        if not self.connected:
+            return
+        if verb == wire.NEW and payload and device in self.devices:
+            self._up(payload[0].bytes)
+        elif verb == wire.GETP:
+            if device:
+                if device in self.devices or device == self.only_device:
+                    self._up(indi.get_properties(device, name))
+            else:
+                # A request for everything goes up as one request per device we know, never as
+                # a device-less one: in a cycle of servers, that would come back to us forever.
+                for known in sorted(self.devices):
+                    self._up(indi.get_properties(known))
+
+    def _up(self, data: bytes) -> None:
+        if self.sock is None or not self.connected:
+            return
+        if self.upstream.bytes + len(data) > UPSTREAM_QUEUE_BYTES:
+            log.warning("remote %s is not reading: message dropped", self.where)
+            return
+        was_empty = not self.upstream
+        self.upstream.push(data)
+        if was_empty:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            done = self.upstream.flush(self.sock.fileno())
+        except OSError as exc:
+            self._lost(str(exc))
+            return
+        self.reactor.set_writer(self.sock.fileno(), None if done else self._flush)
+
