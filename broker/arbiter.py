@@ -24,7 +24,7 @@ from typing import Any
 from indibroker.broker.config import MB, Config, DriverConfig, driver_name
 from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
-from indibroker.broker.oscalls import describe_exit, reap, signal_group, spawn
+from indibroker.broker.oscalls import describe_exit, fork_child, reap, signal_group, spawn
 from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, ENV_RUNTIME, RuntimeDir
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
 
@@ -61,8 +61,9 @@ class Child:
 
 
 class Arbiter:
-    def __init__(self, config: Config, runtime: RuntimeDir):
+    def __init__(self, config: Config, runtime: RuntimeDir, fork_workers: bool = True):
         self.config = config
+        self.fork_workers = fork_workers
         self.runtime = runtime
         self.children: list[Child] = []
         self._sel = selectors.DefaultSelector()
@@ -116,8 +117,15 @@ class Arbiter:
         env = {ENV_RUNTIME: str(self.runtime.path), ENV_LIFELINE: str(read_end),
                ENV_LOGLEVEL: str(logging.getLevelName(self.config.log_level.upper()))}
         try:
-            argv = [sys.executable, "-m", "indibroker.workers", child.role, json.dumps(child.spec)]
-            child.proc = spawn(argv, env=env, pass_fds=[read_end])
+            if self.fork_workers:
+                from indibroker.workers.__main__ import run_role
+
+                spec = json.dumps(child.spec)
+                child.proc = fork_child(lambda: run_role(child.role, spec), env, keep_fds=[read_end],
+                                        name=f"ib-{child.name}")
+            else:
+                argv = [sys.executable, "-m", "indibroker.workers", child.role, json.dumps(child.spec)]
+                child.proc = spawn(argv, env=env, pass_fds=[read_end])
         except OSError as exc:
             os.close(read_end)
             os.close(write_end)

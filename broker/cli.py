@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import shlex
@@ -114,6 +115,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     runtime.acquire()
     try:
         _check_port_free(config.host, config.port)
+        # Workers are forked from this process: import what they run now, once, and keep the
+        # collector away from it, so that every worker shares these pages instead of copying them.
+        from indibroker.workers.__main__ import preload
+
+        preload()
+        gc.freeze()
         arbiter = Arbiter(config, runtime)
         return arbiter.run()
     finally:

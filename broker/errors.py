@@ -30,3 +30,5 @@ class ControlError(IndibrokerError):
 
 class MalformedInput(IndibrokerError):
     """Input that is not well-formed, bounded INDI XML."""
+
+    elements: list = []  # what a decoder completed before the fault, set where it is raised

@@ -12,9 +12,9 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "process_alive"]
+__all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "process_alive", "fork_child", "ForkedProcess"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,79 @@ def spawn(
         list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=full_env,
         start_new_session=True, close_fds=True, pass_fds=tuple(pass_fds), cwd=cwd,
     )
+
+
+class ForkedProcess:
+    """The part of `subprocess.Popen` the supervisors use, for a child made by `fork_child`."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+
+def fork_child(target: Callable[[], int], env: Mapping[str, str], keep_fds: Sequence[int] = (),
+               name: str = "") -> ForkedProcess:
+    """Fork a worker from this (preloaded) process and run `target` in it, in a new session.
+
+    The parent must hold no ZeroMQ context and no thread; what it holds open (control socket,
+    FIFO, selector) is closed in the child at once, so the child keeps only stdio and `keep_fds`.
+    The child shares the parent's already-imported modules page for page until it writes to them,
+    which is most of what a Python process costs.
+    """
+    pid = os.fork()
+    if pid:
+        return ForkedProcess(pid)
+    code = 1
+    try:
+        os.setsid()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_IGN if signum == signal.SIGPIPE else signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        keep = sorted({0, 1, 2, *keep_fds})
+        low = 3
+        for fd in keep:
+            if fd >= low:
+                os.closerange(low, fd)
+                low = fd + 1
+        os.closerange(low, 65536)
+        os.environ.update(env)
+        if name:  # what ps and top show for this worker (argv stays the arbiter's)
+            try:
+                with open("/proc/self/comm", "w") as comm:
+                    comm.write(name[:15])
+            except OSError:
+                pass
+        code = target()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
 
 
 def signal_group(pid: int, sig: int) -> bool:

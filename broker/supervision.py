@@ -42,7 +42,10 @@ class RestartPolicy:
 
     def delay(self, attempt: int) -> float:
         """Backoff before restart number `attempt` (0-based)."""
-        return min(self.backoff_max, self.backoff_initial * self.backoff_factor ** attempt)
+        try:
+            return min(self.backoff_max, self.backoff_initial * self.backoff_factor ** attempt)
+        except OverflowError:
+            return self.backoff_max
 
 
 class FlappingPolicy:
@@ -100,6 +103,8 @@ class Lifecycle:
 
     def stop(self) -> bool:
         """An operator's stop. True when a process is running and must be signalled."""
+        if self.state is State.STOPPING:
+            return False  # already asked: its exit is still a stop, not a crash
         running = self.state in (State.RUNNING, State.STARTING)
         self.state = State.STOPPING if running else State.STOPPED
         return running

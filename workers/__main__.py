@@ -1,7 +1,7 @@
 """Entry point of every child process: ``python -m indibroker.workers KIND '<json spec>'``.
 
-One entry keeps module loggers named after their modules (not ``__main__``) and imports only what
-the chosen role needs.
+The arbiter normally forks its workers from itself (see `broker.arbiter`), calling `run_role`
+directly; this entry runs one by hand. Module loggers stay named after their modules.
 """
 
 from __future__ import annotations
@@ -9,26 +9,45 @@ from __future__ import annotations
 import sys
 
 
-def main() -> int:
-    kind = sys.argv.pop(1) if len(sys.argv) > 1 else ""
+def preload() -> None:
+    """Import what every role needs, so that forked workers share it with their parent."""
+    import indibroker.broker.router  # noqa: F401
+    import indibroker.workers.exdriver  # noqa: F401
+    import indibroker.workers.gateway  # noqa: F401
+    import indibroker.workers.remote  # noqa: F401
+
+
+def run_role(kind: str, spec: str) -> int:
     if kind == "broker":
         from indibroker.broker.router import main as broker_main
 
         return broker_main()
+    from indibroker.workers.base import Worker
+
+    worker: type[Worker]
     if kind == "gateway":
         from indibroker.workers.gateway import Gateway
 
-        return Gateway.main()
-    if kind == "exdriver":
+        worker = Gateway
+    elif kind == "exdriver":
         from indibroker.workers.exdriver import ExDriverWorker
 
-        return ExDriverWorker.main()
-    if kind == "remote":
+        worker = ExDriverWorker
+    elif kind == "remote":
         from indibroker.workers.remote import RemoteBridge
 
-        return RemoteBridge.main()
-    sys.stderr.write(f"unknown worker kind {kind!r}\n")
-    return 2
+        worker = RemoteBridge
+    else:
+        sys.stderr.write(f"unknown worker kind {kind!r}\n")
+        return 2
+    return worker.main(spec)
+
+
+def main() -> int:
+    if len(sys.argv) < 2:
+        sys.stderr.write("usage: python -m indibroker.workers KIND '<json spec>'\n")
+        return 2
+    return run_role(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "{}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -130,7 +129,7 @@ class Worker:
         return 0
 
     @classmethod
-    def main(cls) -> int:
-        spec = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    def main(cls, spec_json: str) -> int:
+        spec = json.loads(spec_json)
         configure_logging(spec.get("name", cls.role))
         return cls(spec).run()

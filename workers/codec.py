@@ -67,9 +67,9 @@ class StreamDecoder:
 
     Raises `MalformedInput` on garbage between elements, bad tags, a DOCTYPE (the way in for
     entity bombs), nesting deeper than `max_depth` or an element larger than `max_element`. After
-    an error the decoder has dropped what it buffered and resynchronises on the next `<`, so a
-    caller that tolerates bad input (a driver) can keep feeding; a caller that does not (a client
-    gateway) simply drops the connection.
+    an error the decoder has dropped what it buffered (the rest of that chunk included) and starts
+    afresh with the next feed, so a caller that tolerates bad input (a driver) can keep feeding; a
+    caller that does not (a client gateway) simply drops the connection.
     """
 
     def __init__(self, max_element: int = DEFAULT_MAX_ELEMENT, max_depth: int = DEFAULT_MAX_DEPTH):
@@ -87,12 +87,15 @@ class StreamDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Element]:
+        """The elements completed by `data`. On bad input raises `MalformedInput`, whose
+        `elements` holds those completed before the fault (they were good: deliver them)."""
         self._buf += data
         out: list[Element] = []
         try:
             self._run(out)
-        except MalformedInput:
+        except MalformedInput as exc:
             self._reset()
+            exc.elements = out
             raise
         return out
 
@@ -112,8 +115,6 @@ class StreamDecoder:
                 gap = buf[pos:] if lt < 0 else buf[pos:lt]
                 if gap and not _WS.issuperset(gap):
                     raise MalformedInput(f"text outside an element: {bytes(gap[:40])!r}")
-            elif self._start >= 0 and len(buf) - self._start > self.max_element:
-                raise MalformedInput(f"element larger than {self.max_element} bytes")
             if lt < 0:
                 pos = len(buf)
                 break
@@ -154,6 +155,10 @@ class StreamDecoder:
             stack.append(bytes(m.group(1)))
             if len(stack) > self.max_depth:
                 raise MalformedInput(f"elements nested deeper than {self.max_depth}")
+        # Waiting for more: what is held for the unfinished element (or tag) is bounded.
+        pending = len(buf) - (self._start if self._start >= 0 else pos)
+        if pending > self.max_element:
+            raise MalformedInput(f"element larger than {self.max_element} bytes")
         if self._start < 0:
             # Between elements: whitespace and declarations already consumed can go.
             del buf[:pos]

@@ -372,7 +372,7 @@ class ExDriverWorker(Worker):
         except MalformedInput as exc:
             driver.malformed += 1
             log.warning("driver %s sent malformed XML (dropped, resynchronising): %s", driver.name, exc)
-            return
+            elements = exc.elements
         for element in elements:
             self._from_driver(driver, element)
 

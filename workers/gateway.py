@@ -226,6 +226,8 @@ class Gateway(Worker):
             try:
                 elements = client.decoder.feed(data)
             except MalformedInput as exc:
+                for element in exc.elements:
+                    self._from_client(client, element)
                 self._drop(client, f"malformed input: {exc}", level=logging.WARNING)
                 return
             for element in elements:

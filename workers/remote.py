@@ -165,7 +165,7 @@ class RemoteBridge(Worker):
             elements = self.decoder.feed(data)
         except MalformedInput as exc:
             log.warning("remote %s sent malformed XML (dropped, resynchronising): %s", self.where, exc)
-            return
+            elements = exc.elements
         for element in elements:
             self._from_remote(element)
 

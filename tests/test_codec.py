@@ -1,0 +1,285 @@
+"""StreamDecoder: cuts an INDI byte stream into whole elements, however chunked; refuses bad input."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indibroker.broker.errors import MalformedInput
+from indibroker.workers.codec import StreamDecoder
+
+D = "device='CCD Simulator'"
+TS = "timestamp='2024-01-02T03:04:05'"
+B64 = base64.encodebytes(bytes(range(256)) * 2).decode()  # base64 with a line break every 76 chars
+
+# Every INDI 1.7 element (and ping), as drivers and clients really write them: multi-line, indented.
+CATALOGUE = [
+    "<getProperties version='1.7'/>",
+    f"<getProperties version='1.7' {D}/>",
+    f"<getProperties version=\"1.7\" {D} name='CCD_EXPOSURE'/>",
+    f"<enableBLOB {D}>Also</enableBLOB>",
+    f"<enableBLOB {D} name='CCD1'>Only</enableBLOB>",
+    f"<newTextVector {D} name='T' {TS}>\n  <oneText name='X'>a &lt; b &amp; c > d</oneText>\n"
+    "</newTextVector>",
+    f"<newNumberVector {D} name='CCD_EXPOSURE'>\n  <oneNumber name='V'>\n1.5\n  </oneNumber>\n"
+    "</newNumberVector>",
+    f"<newSwitchVector {D} name='CONNECTION'><oneSwitch name='CONNECT'>On</oneSwitch>"
+    "<oneSwitch name='DISCONNECT'>Off</oneSwitch></newSwitchVector>",
+    f"<newBLOBVector {D} name='UP'>\n<oneBLOB name='B' size='512' format='.fits'>\n{B64}</oneBLOB>\n"
+    "</newBLOBVector>",
+    f"<defTextVector {D} name='INFO' label='Info &gt; x' group='M' state='Idle' perm='ro' timeout='0' {TS}>"
+    "\n  <defText name='A' label='A'>text</defText>\n  <defText name='B' label='B'/>\n</defTextVector>",
+    f"<defNumberVector {D} name='N' label='N' group='G' state='Ok' perm='rw' timeout='60'>\n"
+    "  <defNumber name='V' label='V' format='%6.2f' min='0' max='3600' step='1'>\n 1\n  </defNumber>\n"
+    "</defNumberVector>",
+    f"<defSwitchVector {D} name='S' label='S' group='G' state='Idle' perm='rw' rule='OneOfMany'>"
+    "<defSwitch name='ON' label='On'>On</defSwitch><defSwitch name='OFF' label='Off'>Off</defSwitch>"
+    "</defSwitchVector>",
+    f"<defLightVector {D} name='L' label='L' group='G' state='Alert'>"
+    "<defLight name='L1' label='1'>Busy</defLight></defLightVector>",
+    f"<defBLOBVector {D} name='CCD1' label='Image' group='G' state='Idle' perm='ro'>"
+    "<defBLOB name='CCD1' label='Image'/></defBLOBVector>",
+    f"<setTextVector {D} name='INFO' state='Ok' {TS}><oneText name='A'>x</oneText></setTextVector>",
+    f"<setNumberVector {D} name='N' state='Busy' timeout='1'><oneNumber name='V'>2.5e3</oneNumber>"
+    "</setNumberVector>",
+    f"<setSwitchVector {D} name='S' state='Ok'><oneSwitch name='ON'>Off</oneSwitch></setSwitchVector>",
+    f"<setLightVector {D} name='L' state='Ok'><oneLight name='L1'>Ok</oneLight></setLightVector>",
+    f"<setBLOBVector {D} name='CCD1' state='Ok'>\n<oneBLOB name='CCD1' size='512' format='.fits'>\n"
+    f"{B64}</oneBLOB>\n</setBLOBVector>",
+    f"<delProperty {D} name='N' {TS}/>",
+    f"<delProperty {D}/>",
+    f"<message {D} {TS} message='quoted \"x\" &amp; &lt;y&gt; then /> and >'/>",
+    "<message message=\"it's global\"/>",
+    "<pingRequest uid='42'/>",
+    "<pingReply uid='42'/>",
+]
+ELEMENTS = [e.encode() for e in CATALOGUE]
+SEPARATORS = [b"", b"\n", b" \t\r\n", b"<?xml version='1.0'?>",
+              b"\n<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n", b"<!-- between <a> -->\n"]
+STREAM = b"\n".join(b"<?xml version='1.0'?>" + e for e in ELEMENTS) + b"\n"
+
+
+def decode(chunks, **kw) -> list:
+    dec = StreamDecoder(**kw)
+    out = []
+    for chunk in chunks:
+        out += dec.feed(chunk)
+    assert dec.buffered == 0
+    return out
+
+
+def split(data: bytes, cuts) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+@pytest.mark.parametrize("text", CATALOGUE, ids=lambda t: t[1:t.index(" ") if " " in t else -2])
+def test_each_element_round_trips(text):
+    raw = text.encode()
+    (el,) = decode([raw])
+    assert el.raw == raw
+    assert el.tag == text[1:].split(None, 1)[0].rstrip("/>")
+    if "device=" in text:
+        assert el.get("device") == "CCD Simulator"
+    assert el.get("absent", "dflt") == "dflt"
+
+
+def test_attribute_values_and_blob_text_are_parsed():
+    by_tag = {}
+    for el in decode([STREAM]):
+        by_tag.setdefault(el.tag, el)
+    assert by_tag["message"].get("message") == 'quoted "x" & <y> then /> and >'
+    assert by_tag["newTextVector"].root[0].text == "a < b & c > d"
+    assert base64.b64decode(by_tag["setBLOBVector"].root[0].text) == bytes(range(256)) * 2
+    assert by_tag["pingRequest"].get("uid") == "42"
+
+
+def test_whole_stream_in_one_feed_and_byte_by_byte():
+    assert [e.raw for e in decode([STREAM])] == ELEMENTS
+    assert [e.raw for e in decode([STREAM[i:i + 1] for i in range(len(STREAM))])] == ELEMENTS
+
+
+def test_split_at_every_byte_position():
+    for i in range(len(STREAM) + 1):
+        assert [e.raw for e in decode([STREAM[:i], STREAM[i:]])] == ELEMENTS, i
+
+
+_VALUE_CHARS = st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Zl", "Zp"))
+_values = st.lists(st.text(_VALUE_CHARS, max_size=4) | st.sampled_from([">", "/>", "'", '"', "&", "<"]),
+                  max_size=6).map("".join)
+
+
+def _attr(value: str) -> str:
+    quote = '"' if '"' not in value else "'"
+    esc = value.replace("&", "&amp;").replace("<", "&lt;")
+    esc = esc.replace(quote, "&quot;" if quote == '"' else "&apos;")
+    return quote + esc + quote
+
+
+@st.composite
+def elements(draw):
+    """(raw bytes, tag, device attribute, member text) of a random INDI-like element."""
+    tag = draw(st.sampled_from(["setTextVector", "defNumberVector", "message", "newBLOBVector", "pingReply"]))
+    device = draw(_values)
+    head = f"<{tag} device={_attr(device)} name={_attr(draw(_values))}"
+    if draw(st.booleans()):
+        return (head + draw(st.sampled_from(["/>", " />", "\n/>"]))).encode(), tag, device, None
+    text = "".join(draw(st.lists(st.text(_VALUE_CHARS, max_size=4) | st.sampled_from(["\n", "]]>", "&", "<"]),
+                                 max_size=8)))
+    body = text.replace("&", "&amp;").replace("<", "&lt;").replace("]]>", "]]&gt;")
+    comment = draw(st.sampled_from(["", "<!-- c > <x/> -->", "\n  "]))
+    raw = f"{head}>{comment}<one name='m'>{body}</one>{comment}</{tag}>"
+    return raw.encode(), tag, device, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(elements(), st.sampled_from(SEPARATORS)), min_size=1, max_size=6),
+       st.lists(st.integers(min_value=0), max_size=12))
+def test_random_elements_any_chunking(items, cuts):
+    stream = b"".join(sep + raw for (raw, *_), sep in items)
+    out = decode(split(stream, cuts))
+    assert b"".join(e.raw for e in out) == b"".join(raw for (raw, *_), _ in items)
+    assert len(out) == len(items)
+    for el, ((_raw, tag, device, text), _) in zip(out, items, strict=True):
+        assert el.tag == tag
+        assert el.get("device") == device
+        if text is not None:
+            assert (el.root.find("one").text or "") == text
+
+
+def test_buffered_reports_a_half_sent_element():
+    dec = StreamDecoder()
+    assert dec.feed(b"\n  <setNumberVector device='d'") == []
+    assert dec.buffered == len(b"<setNumberVector device='d'")
+    assert dec.feed(b"><oneNumber name='x'>1") == []
+    assert dec.buffered == len(b"<setNumberVector device='d'><oneNumber name='x'>1")
+    assert [e.tag for e in dec.feed(b"</oneNumber></setNumberVector>\n\n")] == ["setNumberVector"]
+    assert dec.buffered == 0
+
+
+def test_five_megabyte_blob_in_64k_chunks_is_fast():
+    payload = base64.encodebytes(os.urandom(3_800_000))
+    raw = b"<setBLOBVector device='d' name='b'><oneBLOB name='b' size='1' format='.z'>" + payload + \
+        b"</oneBLOB></setBLOBVector>"
+    assert len(raw) > 5_000_000
+    dec = StreamDecoder()
+    t0 = time.perf_counter()
+    out = []
+    for i in range(0, len(raw), 65536):
+        out += dec.feed(raw[i:i + 65536])
+    assert time.perf_counter() - t0 < 2.0
+    assert len(out) == 1 and out[0].raw == raw and out[0].root[0].text == payload.decode()
+
+
+# -- malformed input -----------------------------------------------------------------------------
+MALFORMED = {
+    "text garbage": [b"<a/>\n", b"hello world\n"],
+    "binary garbage": [b"\x00\xff\xfe\x89PNG"],
+    "garbage before element": [b"oops<a/>"],
+    "stray end tag": [b"</a>"],
+    "mismatched end tag": [b"<a><b>", b"</a>"],
+    "doctype": [b"<!DOCTYPE x [<!ENTITY a \"aaaa\">]>"],
+    "doctype split": [b"<!", b"DOCTYPE x>"],
+    "entity bomb": [b"<!DOCTYPE lolz [<!ENTITY a \"aaaaaaaa\"><!ENTITY b \"&a;&a;&a;&a;\">]><x>&b;</x>"],
+    "undefined entity": [b"<message message='x'>&a;</message>"],
+    "undefined entity in attribute": [b"<message message='&a;'/>"],
+    "unterminated quote then tag": [b"<a x='abc", b"def", b"<b/>"],
+    "bad tag name": [b"<1a/>"],
+    "bad attribute": [b"<a x=1/>"],
+    "duplicate attribute": [b"<a x='1' x='2'/>"],
+    "cdata outside element": [b"<![CDATA[x]]>"],
+}
+
+
+@pytest.mark.parametrize("chunks", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_raises_then_resynchronises(chunks):
+    dec = StreamDecoder()
+    with pytest.raises(MalformedInput):
+        for chunk in chunks:
+            dec.feed(chunk)
+    assert dec.buffered == 0
+    assert [e.raw for e in dec.feed(b"<pingRequest uid='1'/>\n")] == [b"<pingRequest uid='1'/>"]
+
+
+def test_mismatched_end_tag_raises_on_arrival():
+    dec = StreamDecoder()
+    assert dec.feed(b"<a><b>") == []
+    with pytest.raises(MalformedInput, match="</a>"):
+        dec.feed(b"</a>")  # no more input is coming: it must not wait
+
+
+def test_entities_are_never_expanded():
+    (el,) = decode([b"<message message='&lt;&amp;&#65;'>&gt;</message>"])
+    assert el.get("message") == "<&A" and el.root.text == ">"
+    with pytest.raises(MalformedInput):
+        StreamDecoder().feed(b"<x>&lol;</x>")
+
+
+def test_unterminated_quote_waits_until_decidable():
+    dec = StreamDecoder()
+    assert dec.feed(b"<message message='a > b /> c") == []  # '>' and '/>' may be inside the value
+    assert dec.feed(b" still going") == []
+    assert dec.buffered > 0
+    with pytest.raises(MalformedInput):
+        dec.feed(b"x" * 70_000)  # no start tag is that long
+
+
+def test_comments_inside_and_between():
+    stream = b"<!-- hello world? no: <a> -->\n<a x='1'><!-- </a> --><b/><!----></a><!--x-->"
+    (el,) = decode([stream[:9], stream[9:30], stream[30:]])
+    assert el.raw == b"<a x='1'><!-- </a> --><b/><!----></a>"
+
+
+def test_depth_limit():
+    assert len(decode([b"<a><b><c/></b></a>"], max_depth=2)) == 1
+    dec = StreamDecoder(max_depth=2)
+    dec.feed(b"<a><b>")
+    with pytest.raises(MalformedInput, match="deeper"):
+        dec.feed(b"<c>")  # raised at the start tag, before any end
+
+
+def test_size_limit_raises_while_incomplete():
+    dec = StreamDecoder(max_element=1000)
+    dec.feed(b"<setBLOBVector device='d'><oneBLOB>")
+    with pytest.raises(MalformedInput, match="larger"):
+        for _ in range(20):
+            dec.feed(b"A" * 100)
+    assert [e.tag for e in dec.feed(b"<a/>")] == ["a"]
+
+
+def test_size_limit_is_inclusive():
+    raw = b"<a>" + b"x" * 93 + b"</a>"
+    assert len(raw) == 100
+    assert [e.raw for e in decode([raw], max_element=100)] == [raw]
+    with pytest.raises(MalformedInput):
+        StreamDecoder(max_element=99).feed(raw)
+
+
+def test_size_limit_ignores_what_follows_the_element():
+    raw = b"<a>" + b"x" * 93 + b"</a>"
+    assert [e.raw for e in decode([raw + b"\n" + raw + b"\n"], max_element=100)] == [raw, raw]
+
+
+def test_size_limit_applies_inside_an_unfinished_start_tag():
+    dec = StreamDecoder(max_element=1000)
+    with pytest.raises(MalformedInput):
+        dec.feed(b"<message message='" + b"x" * 5000)
+
+
+def test_elements_before_an_error_are_not_lost():
+    def valid(chunks):
+        dec, out = StreamDecoder(), []
+        for chunk in chunks:
+            try:
+                out += dec.feed(chunk)
+            except MalformedInput as exc:
+                out += exc.elements  # the contract: completed elements travel on the error
+        return [e.raw for e in out]
+
+    stream = b"<pingRequest uid='1'/>junk"
+    assert valid([stream]) == valid([stream[:22], stream[22:]]) == [b"<pingRequest uid='1'/>"]
