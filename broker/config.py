@@ -53,6 +53,7 @@ class DriverConfig:
             "name": self.name, "argv": self.argv, "env": self.env, "restart": restart,
             "queue_bytes": int(config.driver_queue_mb * MB), "hang_timeout": config.hang_timeout,
             "snoop_messages": self.snoop_messages,
+            "max_element": int(config.driver_max_element_mb * MB),
         }
 
 
@@ -95,6 +96,7 @@ class Config:
     client_max_mb: float = 128.0  # indiserver -m
     client_max_element_mb: float = 16.0
     driver_queue_mb: float = 8.0
+    driver_max_element_mb: float = 256.0
     hang_timeout: float = 60.0
     restart: dict[str, Any] = field(default_factory=dict)  # RestartPolicy defaults for drivers
     fifo: str | None = None

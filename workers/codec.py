@@ -72,9 +72,13 @@ class StreamDecoder:
     caller that does not (a client gateway) simply drops the connection.
     """
 
-    def __init__(self, max_element: int = DEFAULT_MAX_ELEMENT, max_depth: int = DEFAULT_MAX_DEPTH):
+    def __init__(self, max_element: int = DEFAULT_MAX_ELEMENT, max_depth: int = DEFAULT_MAX_DEPTH,
+                 resync: bool = False):
         self.max_element = max_element
         self.max_depth = max_depth
+        self.resync = resync  # skip bad input and go on (drivers), instead of raising (clients)
+        self.faults: list[str] = []  # in resync mode: what was skipped, for the caller to log
+        self._resume = -1  # where good input may start again after a fault (-1: nowhere held)
         self._buf = bytearray()
         self._scan = 0  # where scanning resumes
         self._open: list[bytes] = []  # names of the elements open in the current one
@@ -91,13 +95,23 @@ class StreamDecoder:
         `elements` holds those completed before the fault (they were good: deliver them)."""
         self._buf += data
         out: list[Element] = []
-        try:
-            self._run(out)
-        except MalformedInput as exc:
-            self._reset()
-            exc.elements = out
-            raise
-        return out
+        while True:
+            self._resume = -1
+            try:
+                self._run(out)
+                return out
+            except MalformedInput as exc:
+                if not self.resync:
+                    self._reset()
+                    exc.elements = out
+                    raise
+                self.faults.append(str(exc))
+                rest = self._buf[self._resume:] if self._resume >= 0 else b""
+                self._reset()
+                lt = rest.find(b"<")
+                if lt < 0:
+                    return out
+                self._buf += rest[lt:]
 
     def _reset(self) -> None:
         self._buf.clear()
@@ -114,6 +128,7 @@ class StreamDecoder:
             if not stack:
                 gap = buf[pos:] if lt < 0 else buf[pos:lt]
                 if gap and not _WS.issuperset(gap):
+                    self._resume = lt
                     raise MalformedInput(f"text outside an element: {bytes(gap[:40])!r}")
             if lt < 0:
                 pos = len(buf)
@@ -134,6 +149,7 @@ class StreamDecoder:
                     self._incomplete_or_bad(buf, lt)
                     break
                 if not stack or stack.pop() != m.group(1):
+                    self._resume = m.end()
                     raise MalformedInput(f"unexpected end tag {bytes(m.group(0)[:60])!r}")
                 pos = m.end()
                 if not stack:
@@ -154,6 +170,7 @@ class StreamDecoder:
                 continue
             stack.append(bytes(m.group(1)))
             if len(stack) > self.max_depth:
+                self._resume = pos
                 raise MalformedInput(f"elements nested deeper than {self.max_depth}")
         # Waiting for more: what is held for the unfinished element (or tag) is bounded.
         pending = len(buf) - (self._start if self._start >= 0 else pos)
@@ -170,6 +187,7 @@ class StreamDecoder:
         raw = bytes(buf[self._start : end])
         del buf[:end]
         self._start = -1
+        self._resume = 0
         if len(raw) > self.max_element:
             raise MalformedInput(f"element larger than {self.max_element} bytes")
         try:
@@ -194,9 +212,11 @@ class StreamDecoder:
         head = bytes(buf[lt : lt + 9])
         if b"<!--".startswith(head) or b"<![CDATA[".startswith(head):
             return -1  # too short to tell yet
+        self._resume = lt + 1
         raise MalformedInput(f"markup not allowed in INDI: {head!r}")
 
     def _incomplete_or_bad(self, buf: bytearray, lt: int) -> None:
         tail = bytes(buf[lt : lt + _MAX_TAG + 1])
         if len(tail) > _MAX_TAG or _PARTIAL.match(tail) is None:
+            self._resume = lt + 1
             raise MalformedInput(f"bad tag: {tail[:60]!r}")

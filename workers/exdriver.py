@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from indibroker.broker import wire
-from indibroker.broker.errors import MalformedInput
 from indibroker.broker.oscalls import describe_exit, pdeathsig_prefix, reap, signal_group, spawn
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
 from indibroker.workers import indi
@@ -76,7 +75,7 @@ class Driver:
         self.spec = spec
         self.lifecycle = Lifecycle(spec.policy)
         self.proc: subprocess.Popen | None = None
-        self.decoder = StreamDecoder(max_element=spec.max_element)
+        self.decoder = StreamDecoder(max_element=spec.max_element, resync=True)
         self.stdin = OutQueue()
         self.devices: set[str] = set()
         self.interest = Interest()  # what it snoops
@@ -206,7 +205,7 @@ class ExDriverWorker(Worker):
             self._exited(driver, f"cannot start: {exc}")
             return
         driver.proc = proc
-        driver.decoder = StreamDecoder(max_element=driver.spec.max_element)
+        driver.decoder = StreamDecoder(max_element=driver.spec.max_element, resync=True)
         driver.stdin.clear()
         driver.stuck_since = None
         driver.started_wall = time.time()
@@ -367,12 +366,12 @@ class ExDriverWorker(Worker):
             self._feed(driver, data)
 
     def _feed(self, driver: Driver, data: bytes) -> None:
-        try:
-            elements = driver.decoder.feed(data)
-        except MalformedInput as exc:
-            driver.malformed += 1
-            log.warning("driver %s sent malformed XML (dropped, resynchronising): %s", driver.name, exc)
-            elements = exc.elements
+        elements = driver.decoder.feed(data)
+        if driver.decoder.faults:
+            driver.malformed += len(driver.decoder.faults)
+            log.warning("driver %s sent bad XML, skipped (%d so far): %s", driver.name, driver.malformed,
+                        "; ".join(driver.decoder.faults[:3]))
+            driver.decoder.faults.clear()
         for element in elements:
             self._from_driver(driver, element)
 

@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 from indibroker.broker import wire
-from indibroker.broker.errors import MalformedInput
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.codec import DEFAULT_MAX_ELEMENT, Element, StreamDecoder
@@ -54,7 +53,7 @@ class RemoteBridge(Worker):
         self.devices: set[str] = set()
         self.sock: socket.socket | None = None
         self.connected = False
-        self.decoder = StreamDecoder(max_element=int(spec.get("max_element", DEFAULT_MAX_ELEMENT)))
+        self.decoder = StreamDecoder(max_element=int(spec.get("max_element", DEFAULT_MAX_ELEMENT)), resync=True)
         self.upstream = OutQueue()
         self.attempt = 0
         self.connects = 0
@@ -112,7 +111,7 @@ class RemoteBridge(Worker):
         self.connected = True
         self.connects += 1
         self.attempt = 0
-        self.decoder = StreamDecoder(max_element=self.decoder.max_element)
+        self.decoder = StreamDecoder(max_element=self.decoder.max_element, resync=True)
         log.info("connected to remote %s", self.where)
         if self._down_since is not None:
             self.backbone.send(wire.MSG, "", "", b"", [indi.message(
@@ -161,11 +160,10 @@ class RemoteBridge(Worker):
         if not data:
             self._lost("connection closed")
             return
-        try:
-            elements = self.decoder.feed(data)
-        except MalformedInput as exc:
-            log.warning("remote %s sent malformed XML (dropped, resynchronising): %s", self.where, exc)
-            elements = exc.elements
+        elements = self.decoder.feed(data)
+        if self.decoder.faults:
+            log.warning("remote %s sent bad XML, skipped: %s", self.where, "; ".join(self.decoder.faults[:3]))
+            self.decoder.faults.clear()
         for element in elements:
             self._from_remote(element)
 

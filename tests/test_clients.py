@@ -1,0 +1,189 @@
+"""Issue 6: many clients, slow clients and bad input never hurt anyone else.
+
+Real indibroker processes, test drivers that stream BLOBs or misbehave, raw TCP clients.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+from support import RawClient, clients, is_, member, wait_until
+
+PYSCRIPTS = Path(__file__).parent / "pyscripts"
+STREAMER = str(PYSCRIPTS / "blob_streamer.py")
+BAD = str(PYSCRIPTS / "bad_driver.py")
+MB = 1024 * 1024
+
+
+def tree_rss(b) -> int:
+    total = 0
+    for p in b.tree():
+        try:
+            if "blob_streamer" not in " ".join(p.cmdline()):
+                total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def seqs(c: RawClient) -> list[int]:
+    return [int(float(member(e, "N"))) for e in c.elements if is_("setNumberVector", "Streamer", "SEQ")(e)]
+
+
+def stalled_client(port: int, blobs: bool = True) -> socket.socket:
+    """A client that asks for everything and then never reads: its receive buffer stays small."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b'<getProperties version="1.7"/>')
+    if blobs:
+        s.sendall(b'<enableBLOB device="Streamer">Also</enableBLOB>')
+    return s
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_stalled_client_is_disconnected_and_others_get_everything(broker_factory):
+    # -d above -m: BLOBs are never dropped first, so the queue reaches the disconnect threshold.
+    b = broker_factory("--exdriver", STREAMER, "-d", "64", "-m", "16",
+                       env={"STREAM_BLOB_BYTES": "500000", "STREAM_INTERVAL": "0.02"})
+    with clients(b.port, 1) as (good,):
+        good.send('<getProperties version="1.7"/><enableBLOB device="Streamer">Also</enableBLOB>')
+        good.wait_for(is_("setBLOBVector", "Streamer"), 20)
+        base_rss = tree_rss(b)
+        stalled = stalled_client(b.port)
+        try:
+            wait_until(lambda: "too slow" in b.log(), 60, what="the stalled client to be dropped")
+            wait_until(lambda: closed_by_peer(stalled), 10, what="the stalled socket to be closed")
+            peak = tree_rss(b)
+        finally:
+            stalled.close()
+        good.pump(1.0)
+        got = seqs(good)
+        assert got == list(range(got[0], got[0] + len(got))), "the good client lost messages"
+        assert good.count("setBLOBVector") >= len(got) - 2
+        assert not good.closed
+        assert peak - base_rss < 80 * MB, (peak - base_rss) / MB  # bounded by -m, not by the stream
+
+
+def test_slow_client_loses_streaming_blobs_not_its_connection(broker_factory):
+    b = broker_factory("--exdriver", STREAMER, "-d", "2", "-m", "128",
+                       env={"STREAM_BLOB_BYTES": "500000", "STREAM_INTERVAL": "0.02"})
+    with clients(b.port, 1) as (good,):
+        good.send('<getProperties version="1.7"/><enableBLOB device="Streamer">Also</enableBLOB>')
+        good.wait_for(is_("setBLOBVector", "Streamer"), 20)
+        stalled = stalled_client(b.port)
+        try:
+            wait_until(lambda: "streaming BLOB(s) dropped" in b.log(), 30, what="BLOBs dropped for the slow one")
+            good.pump(2.0)
+            assert "too slow" not in b.log()
+            assert not closed_by_peer(stalled)
+        finally:
+            stalled.close()
+        got = seqs(good)
+        assert got == list(range(got[0], got[0] + len(got)))
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x00\xff\xfe\x01binary garbage",
+    b'<newNumberVector device="x" name="y"><oneNumber name="n">1</oneText></newNumberVector>',
+    b'<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;">]><getProperties version="1.7"/>',
+    b'<getProperties version="1.7" device="&lol2;"/>',
+    b"<newTextVector>" + b"<a>" * 100,
+    b'<newTextVector device="x" name="y"><oneText name="t">' + b"x" * (2 * MB),
+], ids=["binary", "malformed", "entity-bomb", "undefined-entity", "deep-nesting", "oversize"])
+def test_bad_client_input_drops_only_the_offender(broker_factory, bad):
+    b = broker_factory("--exdriver", STREAMER, env={"STREAM_BLOB_BYTES": "1000", "STREAM_INTERVAL": "0.05"},
+                       start=False)
+    b.args += ["--config", str(write_config(b, "client_max_element_mb = 1.0\n"))]
+    b.start()
+    with clients(b.port, 2) as (good, offender):
+        good.send('<getProperties version="1.7"/>')
+        good.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 20)
+        offender.send(bad)
+        offender.wait_closed(10)
+        mark = len(good.elements)
+        good.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 10, start=mark)
+        assert not good.closed
+        assert "malformed input" in b.log()
+
+
+def test_half_a_message_then_silence_harms_nobody(broker_factory):
+    b = broker_factory("--exdriver", STREAMER, env={"STREAM_BLOB_BYTES": "1000", "STREAM_INTERVAL": "0.05"})
+    with clients(b.port, 2) as (good, half):
+        good.send('<getProperties version="1.7"/>')
+        half.send('<getProperties version="1.7"/><newNumberVector device="Streamer" name="SEQ"><oneNum')
+        for _ in range(3):
+            mark = len(good.elements)
+            good.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 10, start=mark)
+        half.pump(0.5)
+        assert half.count("setNumberVector", "Streamer") > 0  # it is still served, and harmless
+        assert not good.closed and not half.closed
+
+
+def write_config(b, text: str) -> Path:
+    path = b.log_path.parent / f"extra-{b.port}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["garbage", "malformed", "bomb", "deep", "oversize"])
+def test_bad_driver_output_is_skipped_and_harms_nobody(broker_factory, kind):
+    b = broker_factory(start=False, env={"BAD_KIND": kind, "STREAM_BLOB_BYTES": "1000", "STREAM_INTERVAL": "0.05"})
+    b.args += ["--config", str(write_config(b, "driver_max_element_mb = 1.0\n")),
+               "--exdriver", BAD, "--exdriver", STREAMER]
+    b.start()
+    with clients(b.port, 1) as (c,):
+        c.send('<getProperties version="1.7"/>')
+        c.wait_for(is_("setNumberVector", "Bad", "TICK"), 20)
+        first = c.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 20)
+        mark = len(c.elements)
+        ticks = wait_until(lambda: c.pump(0.2) >= 0 and c.count("setNumberVector", "Bad", "TICK", start=mark) >= 5
+                           and c.count("setNumberVector", "Bad", "TICK", start=mark), 15, what="ticks after bad output")
+        assert ticks >= 5  # the bad driver's good output still gets through
+        assert seqs(c)[-1] > int(float(member(first, "N")))  # the other driver kept going
+        rows = {r["name"]: r for r in b.status() if r["role"] == "driver"}
+        assert all(r["restarts"] == 0 for r in rows.values())
+        assert "sent bad XML" in b.log()
+        for p in b.tree():
+            if "bad_driver" in " ".join(p.cmdline()):
+                assert p.memory_info().rss < 200 * MB
+
+
+def test_gateways_share_the_port_and_all_clients_are_served(broker_factory):
+    b = broker_factory("--gateways", "2", "--exdriver", STREAMER,
+                       env={"STREAM_BLOB_BYTES": "1000", "STREAM_INTERVAL": "0.05"})
+    gateways = wait_until(lambda: [r["pid"] for r in b.status() if r["role"] == "gateway" and r["pid"]], 10)
+    assert len(gateways) == 2
+    with clients(b.port, 16) as cs:
+        for c in cs:
+            c.send('<getProperties version="1.7"/>')
+        for c in cs:
+            c.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 20)
+        ports = {c.sock.getsockname()[1]: c for c in cs}
+        served_by = {}
+        for pid in gateways:
+            for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                if conn.raddr and conn.raddr.port in ports:
+                    served_by[conn.raddr.port] = pid
+        assert set(served_by) == set(ports)
+        assert set(served_by.values()) == set(gateways), "one gateway served every client"
+        marks = [len(c.elements) for c in cs]
+        for c, mark in zip(cs, marks, strict=True):
+            c.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 10, start=mark)
+            got = seqs(c)
+            assert got == list(range(got[0], got[0] + len(got)))
