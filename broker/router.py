@@ -40,30 +40,43 @@ class Broker:
         self.dropped = 0
         self.echoes = 0  # a device arriving over a second path (a cycle of servers), dropped
         self._dropped_logged = 0.0
+        self._out: dict[bytes, list] = {}  # per peer: frames to send at the next flush()
+        self._headers: dict[bytes, tuple[bytes, str, str, bytes]] = {}  # a flood repeats few headers
 
     def close(self) -> None:
         self.sock.close(linger=0)
 
     def handle(self, msg: list[zmq.Frame]) -> None:
-        if len(msg) < 2:
+        """One ZeroMQ message from a worker: its identity, then (header, payload) pairs."""
+        if len(msg) < 3 or len(msg) % 2 == 0:
             log.warning("dropped a message of %d frame(s)", len(msg))
             return
         ident = msg[0].bytes
-        try:
-            verb, device, name, flags = wire.parse_header(msg[1].bytes)
-        except ValueError:
-            log.warning("dropped a message with a bad header from %r", ident)
-            return
-        payload = msg[2:]
+        for i in range(1, len(msg), 2):
+            self._handle_one(ident, msg[i], msg[i + 1])
+
+    def _handle_one(self, ident: bytes, head: zmq.Frame, payload: zmq.Frame) -> None:
+        raw = head.bytes
+        parsed = self._headers.get(raw)
+        if parsed is None:
+            try:
+                parsed = wire.parse_header(raw)
+            except ValueError:
+                log.warning("dropped a message with a bad header from %r", ident)
+                return
+            if len(self._headers) > 65536:
+                self._headers.clear()
+            self._headers[raw] = parsed
+        verb, device, name, flags = parsed
         table = self.table
         if verb == wire.HELLO:
-            self._hello(ident, payload)
+            self._hello(ident, payload.bytes)
             return
         if ident not in table.peers:
-            self._send(ident, [wire.header(wire.WHO)])
+            self._queue(ident, wire.header(wire.WHO), b"")
             return
         if verb == wire.HB:
-            self._send(ident, [wire.header(wire.HB)])
+            self._queue(ident, wire.header(wire.HB), b"")
         elif verb in wire.DRIVER_OUTPUT:
             if not table.accepts(ident, device):
                 self.echoes += 1
@@ -76,28 +89,25 @@ class Broker:
                                 table.peers[ident].name)
             elif verb == wire.DEL and device and not name:
                 table.release(ident, device)
-            out = [msg[1], *payload]
             for target in table.targets(device, name, flags == wire.FLAG_BLOB):
-                self._send(target, out)
+                self._queue(target, head, payload)
         elif verb == wire.GETP:
-            out = [msg[1], *payload]
-            if device:
-                owner = table.owner(device)
-                if owner is not None:
-                    self._send(owner, out)
-            else:
+            owner = table.owner(device) if device else None
+            if owner is not None:
+                self._queue(owner, head, payload)
+            else:  # no device, or one nobody has defined yet: every driver may answer
                 for target in table.drivers():
                     if target != ident:
-                        self._send(target, out)
+                        self._queue(target, head, payload)
         elif verb == wire.NEW:
             owner = table.owner(device)
             if owner is None:
                 log.info("new*Vector for unknown device %r dropped", device)
             else:
-                self._send(owner, [msg[1], *payload])
+                self._queue(owner, head, payload)
         elif verb == wire.SUB:
             try:
-                entries = wire.decode_interests(b"".join(f.bytes for f in payload))
+                entries = wire.decode_interests(payload.bytes)
             except ValueError:
                 log.warning("bad SUB from %s", table.peers[ident].name)
                 return
@@ -105,31 +115,41 @@ class Broker:
         else:
             log.warning("unknown verb %r from %s", verb, table.peers[ident].name)
 
-    def _hello(self, ident: bytes, payload: list[zmq.Frame]) -> None:
+    def _hello(self, ident: bytes, payload: bytes) -> None:
         try:
-            data = wire.parse_hello(payload[0].bytes if payload else b"")
+            data = wire.parse_hello(payload)
         except ValueError as exc:
             log.warning("refused hello from %r: %s", ident, exc)
             return
         self.table.add_peer(ident, data["role"], data["name"], data["devices"])
         log.info("%s %s registered with %d device(s)", data["role"], data["name"], len(data["devices"]))
-        self._send(ident, [wire.header(wire.HB)])
+        self._queue(ident, wire.header(wire.HB), b"")
 
-    def _send(self, ident: bytes, frames: list) -> None:
-        try:
-            self.sock.send_multipart([ident, *frames], flags=zmq.DONTWAIT, copy=False)
-            self.routed += 1
-        except zmq.Again:
-            self._drop(ident, "queue full")
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                self.table.remove_peer(ident)
-                log.info("peer %r has gone; forgotten", ident)
-            else:
-                self._drop(ident, str(exc))
+    def _queue(self, ident: bytes, head: zmq.Frame | bytes, payload: zmq.Frame | bytes) -> None:
+        """Batch per peer: `flush()` sends each peer one message with all that is due to it."""
+        frames = self._out.get(ident)
+        if frames is None:
+            self._out[ident] = [ident, head, payload]
+        else:
+            frames += (head, payload)
 
-    def _drop(self, ident: bytes, why: str) -> None:
-        self.dropped += 1
+    def flush(self) -> None:
+        out, self._out = self._out, {}
+        for ident, frames in out.items():
+            try:
+                self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+                self.routed += (len(frames) - 1) // 2
+            except zmq.Again:
+                self._drop(ident, "queue full", (len(frames) - 1) // 2)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self.table.remove_peer(ident)
+                    log.info("peer %r has gone; forgotten", ident)
+                else:
+                    self._drop(ident, str(exc), (len(frames) - 1) // 2)
+
+    def _drop(self, ident: bytes, why: str, count: int) -> None:
+        self.dropped += count
         now = time.monotonic()
         if now - self._dropped_logged > 5:
             self._dropped_logged = now
@@ -182,6 +202,7 @@ def main() -> int:
                 except zmq.Again:
                     break
                 broker.handle(msg)
+            broker.flush()
         now = time.monotonic()
         if now - last_status >= STATUS_INTERVAL:
             last_status = now

@@ -33,9 +33,11 @@ class RoutingTable:
         self.owners: dict[str, bytes] = {}
         self._by_device: dict[str, set[bytes]] = {}  # device -> peers with some interest in it
         self._wildcard: set[bytes] = set()  # peers interested in every device
+        self._cache: dict[tuple[str, str, bool], list[bytes]] = {}  # targets(); cleared on change
 
     # -- membership -------------------------------------------------------------------------
     def add_peer(self, ident: bytes, role: str, name: str, devices: Iterable[str] = ()) -> Peer:
+        self._cache.clear()
         if ident in self.peers:
             self.remove_peer(ident)
         peer = Peer(ident, role, name)
@@ -45,6 +47,7 @@ class RoutingTable:
         return peer
 
     def remove_peer(self, ident: bytes) -> None:
+        self._cache.clear()
         peer = self.peers.pop(ident, None)
         if peer is None:
             return
@@ -80,6 +83,7 @@ class RoutingTable:
         peer = self.peers.get(ident)
         if peer is None:
             return
+        self._cache.clear()
         self._unindex(peer)
         peer.interests = {}
         for device, name, bits in entries:
@@ -109,6 +113,15 @@ class RoutingTable:
         property name (a `message` or a whole-device `delProperty`) to every peer interested in
         any part of that device.
         """
+        key = (device, name, blob)
+        cached = self._cache.get(key)
+        if cached is None:
+            if len(self._cache) > 65536:
+                self._cache.clear()
+            cached = self._cache[key] = self._targets(device, name, blob)
+        return cached
+
+    def _targets(self, device: str, name: str, blob: bool) -> list[bytes]:
         if not device:
             return [i for i, p in self.peers.items() if p.role == "gateway"]
         want = WANT_BLOB if blob else WANT_PLAIN

@@ -1,8 +1,10 @@
 """The backbone contract between workers (DEALER) and the broker (ROUTER).
 
-A message is two or more ZeroMQ frames: a small header, then payload frames the broker never looks
-into. The header is NUL-separated bytes: ``verb \\0 device \\0 name \\0 flags``. Every process
-imports this one module; `WIRE_VERSION` travels in the hello so a mismatched worker is refused.
+A ZeroMQ message carries one or more (header, payload) frame pairs: a batch, so that one read and
+one write move many INDI messages between two processes. The header is NUL-separated bytes:
+``verb \\0 device \\0 name \\0 flags``; the payload is the INDI XML exactly as it came (empty for
+verbs that carry none), which the broker never looks into. Every process imports this one module;
+`WIRE_VERSION` travels in the hello so a mismatched worker is refused.
 
 Verbs (worker → broker unless said otherwise):
 
@@ -21,7 +23,7 @@ DEL MSG    a driver's delProperty / message (MSG without a device goes to every 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -30,7 +32,7 @@ __all__ = [
     "header", "parse_header", "hello_payload", "parse_hello", "encode_interests", "decode_interests",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 HELLO = b"HELLO"
 WHO = b"WHO"
@@ -101,7 +103,3 @@ def decode_interests(payload: bytes) -> list[tuple[str, str, int]]:
         out.append((device.decode(), name.decode(), int(bits)))
     return out
 
-
-def frames(verb: bytes, device: str = "", name: str = "", flags: bytes = b"",
-           payload: Sequence[bytes] = ()) -> list[bytes]:
-    return [header(verb, device, name, flags), *payload]

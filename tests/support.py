@@ -57,6 +57,7 @@ class RawClient:
         self.sock.setblocking(False)
         self.decoder = StreamDecoder()
         self.elements: list[Element] = []
+        self.arrivals: list[float] = []  # wall-clock time each element was read
         self.closed = False
         self.received_bytes = 0
 
@@ -88,7 +89,9 @@ class RawClient:
                 self.closed = True
                 break
             self.received_bytes += len(data)
-            self.elements.extend(self.decoder.feed(data))
+            new = self.decoder.feed(data)
+            self.elements.extend(new)
+            self.arrivals.extend([time.time()] * len(new))
         return len(self.elements) - before
 
     def wait_for(self, pred: Callable[[Element], bool], timeout: float = 10.0, start: int = 0,

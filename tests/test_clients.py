@@ -67,8 +67,10 @@ def test_stalled_client_is_disconnected_and_others_get_everything(broker_factory
         base_rss = tree_rss(b)
         stalled = stalled_client(b.port)
         try:
-            wait_until(lambda: "too slow" in b.log(), 60, what="the stalled client to be dropped")
-            wait_until(lambda: closed_by_peer(stalled), 10, what="the stalled socket to be closed")
+            wait_until(lambda: good.pump(0.05) >= 0 and "too slow" in b.log(), 60,
+                       what="the stalled client to be dropped")
+            wait_until(lambda: good.pump(0.05) >= 0 and closed_by_peer(stalled), 10,
+                       what="the stalled socket to be closed")
             peak = tree_rss(b)
         finally:
             stalled.close()
@@ -88,7 +90,8 @@ def test_slow_client_loses_streaming_blobs_not_its_connection(broker_factory):
         good.wait_for(is_("setBLOBVector", "Streamer"), 20)
         stalled = stalled_client(b.port)
         try:
-            wait_until(lambda: "streaming BLOB(s) dropped" in b.log(), 30, what="BLOBs dropped for the slow one")
+            wait_until(lambda: good.pump(0.05) >= 0 and "streaming BLOB(s) dropped" in b.log(), 30,
+                       what="BLOBs dropped for the slow one")
             good.pump(2.0)
             assert "too slow" not in b.log()
             assert not closed_by_peer(stalled)

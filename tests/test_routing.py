@@ -150,7 +150,6 @@ names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 def test_header_round_trip(verb, device, name, flags):
     frame = wire.header(verb, device, name, flags)
     assert wire.parse_header(frame) == (verb, device, name, flags)
-    assert wire.frames(verb, device, name, flags, [b"p"]) == [frame, b"p"]
 
 
 @pytest.mark.parametrize("frame", [b"SET\x00d\x00n", b"SET\x00a\x00b\x00c\x00d", b"SET\x00\xff\x00n\x00"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import zmq
 
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 5.0
 LIVENESS = 3  # intervals without a word from the broker before we say HELLO again
 
-MessageHandler = Callable[[bytes, str, str, bytes, list[zmq.Frame]], None]
+MessageHandler = Callable[[bytes, str, str, bytes, zmq.Frame], None]
+BATCH = 512  # messages per ZeroMQ message at most
 
 
 class Backbone:
@@ -46,6 +47,7 @@ class Backbone:
         self._devices = devices
         self._interests = interests
         self._last_sub: bytes | None = None
+        self._pending: list[bytes | zmq.Frame] = []
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"{role}:{name}".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -59,47 +61,62 @@ class Backbone:
         self.hello()
 
     def hello(self) -> None:
-        self._send([wire.header(wire.HELLO), wire.hello_payload(self.role, self.name, self._devices())])
+        self._pending = []  # what was batched for a broker that no longer knows us is moot
+        self.send(wire.HELLO, payload=wire.hello_payload(self.role, self.name, self._devices()))
         self._last_sub = None
         self.update_interests()
+        self.flush()
 
     def update_interests(self) -> None:
         """Send our interests if they changed since the last SUB (call after any change)."""
         payload = wire.encode_interests(sorted(set(self._interests())))
         if payload != self._last_sub:
             self._last_sub = payload
-            self._send([wire.header(wire.SUB), payload])
+            self.send(wire.SUB, payload=payload)
 
     def send(self, verb: bytes, device: str = "", name: str = "", flags: bytes = b"",
-             payload: Sequence[bytes] = ()) -> None:
-        self._send([wire.header(verb, device, name, flags), *payload])
+             payload: bytes | zmq.Frame = b"") -> None:
+        """Queue one message; the batch goes out at the end of this turn of the loop."""
+        pending = self._pending
+        pending += (wire.header(verb, device, name, flags), payload)
+        if len(pending) >= 2 * BATCH:
+            self.flush()
+        elif len(pending) == 2:
+            self.reactor.defer(self.flush)
 
-    def _send(self, frames: list) -> None:
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        frames, self._pending = self._pending, []
         try:
-            self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=len(frames[-1]) < 65536)
+            self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
         except zmq.Again:
-            self.dropped += 1
-            log.warning("backbone queue full: message dropped (%d so far)", self.dropped)
+            self.dropped += len(frames) // 2
+            log.warning("backbone queue full: %d message(s) dropped (%d so far)", len(frames) // 2,
+                        self.dropped)
 
     def _readable(self) -> None:
-        for _ in range(256):
+        for _ in range(64):
             try:
                 msg = self.sock.recv_multipart(zmq.DONTWAIT, copy=False)
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
-            try:
-                verb, device, name, flags = wire.parse_header(msg[0].bytes)
-            except (ValueError, IndexError):
-                log.warning("bad header from broker dropped")
+            if len(msg) % 2:
+                log.warning("malformed batch from broker dropped")
                 continue
-            if verb == wire.WHO:
-                log.info("broker does not know us (restarted?): registering again")
-                self.hello()
-            elif verb == wire.HB:
-                continue
-            else:
-                self._on_message(verb, device, name, flags, msg[1:])
+            for i in range(0, len(msg), 2):
+                try:
+                    verb, device, name, flags = wire.parse_header(msg[i].bytes)
+                except ValueError:
+                    log.warning("bad header from broker dropped")
+                    continue
+                if verb == wire.WHO:
+                    log.info("broker does not know us (restarted?): registering again")
+                    self.hello()
+                    break
+                if verb != wire.HB:
+                    self._on_message(verb, device, name, flags, msg[i + 1])
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_heard > HEARTBEAT_INTERVAL * LIVENESS:
@@ -108,7 +125,7 @@ class Backbone:
             self._last_heard = time.monotonic()
             self.hello()
         else:
-            self._send([wire.header(wire.HB)])
+            self.send(wire.HB)
         self.reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def close(self) -> None:

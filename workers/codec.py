@@ -161,6 +161,9 @@ class StreamDecoder:
                 self._incomplete_or_bad(buf, lt)
                 break
             pos = m.end()
+            if not stack and not m.group(2) and self._whole(out, lt, pos, m.group(1)):
+                pos = 0  # emitted; the buffer now starts after it
+                continue
             if not stack:
                 self._start = lt
             if m.group(2):  # self-closing
@@ -181,6 +184,44 @@ class StreamDecoder:
             del buf[:pos]
             pos = 0
         self._scan = pos
+
+    def _whole(self, out: list[Element], lt: int, pos: int, name: bytes) -> bool:
+        """The fast path: when the element's end tag is already buffered, hand the whole element
+        to lxml (which checks everything inside) without scanning its children here. INDI
+        vectors do not nest, so the first end tag of the same name closes it; if lxml disagrees
+        (say, that end tag sat in a comment) the careful scan takes over."""
+        buf = self._buf
+        close = buf.find(b"</" + name, pos)
+        if close < 0:
+            return False
+        m = _END.match(buf, close)
+        if m is None or m.group(1) != name:
+            return False
+        end = m.end()
+        if end - lt > self.max_element:
+            return False  # let the careful scan report it
+        raw = bytes(buf[lt:end])
+        try:
+            root = etree.fromstring(raw, self._parser)
+        except etree.XMLSyntaxError:
+            return False
+        del buf[:end]
+        if any(len(child) for child in root) and self._depth(root) > self.max_depth:
+            self._resume = 0
+            raise MalformedInput(f"elements nested deeper than {self.max_depth}")
+        out.append(Element(raw, root))
+        return True
+
+    @staticmethod
+    def _depth(root: etree._Element) -> int:
+        """Nesting of elements that contain elements (a leaf adds none, as in the scan)."""
+        deepest, stack = 0, [(root, 1)]
+        while stack:
+            el, depth = stack.pop()
+            if len(el):
+                deepest = max(deepest, depth)
+                stack.extend((child, depth + 1) for child in el)
+        return deepest
 
     def _emit(self, out: list[Element], end: int) -> None:
         buf = self._buf

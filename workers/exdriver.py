@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from indibroker.broker import wire
 from indibroker.broker.oscalls import describe_exit, pdeathsig_prefix, reap, signal_group, spawn
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
@@ -36,7 +38,7 @@ __all__ = ["ExDriverWorker", "DriverSpec", "Driver"]
 log = logging.getLogger(__name__)
 driver_log = logging.getLogger("indibroker.driver")
 
-READ_SIZE = 64 * 1024  # per turn: a flooding driver cannot hold the loop longer than this takes
+READ_SIZE = 32 * 1024  # per turn: a flooding driver cannot hold the loop longer than this takes
 DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
 DEFAULT_HANG_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
@@ -272,7 +274,7 @@ class ExDriverWorker(Worker):
         decision = driver.lifecycle.exited(time.monotonic(), how)
         gone = sorted(driver.devices)
         for device in gone:
-            self.backbone.send(wire.DEL, device, "", b"", [indi.del_property(device)])
+            self.backbone.send(wire.DEL, device, "", b"", indi.del_property(device))
         driver.devices.clear()
         if decision.action == "stopped":
             text = f"driver {driver.name} stopped"
@@ -285,7 +287,7 @@ class ExDriverWorker(Worker):
             text = f"driver {driver.name} exited ({how}); {decision.reason}: not restarting (FATAL)"
             log.error("%s", text)
         for device in gone or [""]:
-            self.backbone.send(wire.MSG, device, "", b"", [indi.message(text, device)])
+            self.backbone.send(wire.MSG, device, "", b"", indi.message(text, device))
         self.backbone.update_interests()
         self.status_changed()
 
@@ -407,7 +409,7 @@ class ExDriverWorker(Worker):
                 driver.devices.discard(device)
                 self.status_changed()
             flags = wire.FLAG_BLOB if tag == "setBLOBVector" else b""
-            self.backbone.send(verb, device, name, flags, [el.raw])
+            self.backbone.send(verb, device, name, flags, el.raw)
         elif tag == "pingRequest":
             self._to_driver(driver, indi.ping_reply(el.get("uid")))
         elif tag == "getProperties":
@@ -424,18 +426,18 @@ class ExDriverWorker(Worker):
             log.debug("driver %s: %s ignored", driver.name, tag)
 
     # -- server → driver --------------------------------------------------------------------
-    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: list) -> None:
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
         if verb == wire.NEW:
             owner = self._owner(device)
-            if owner is not None and payload:
-                self._to_driver(owner, payload[0].bytes)
+            if owner is not None:
+                self._to_driver(owner, payload.bytes)
         elif verb == wire.GETP:
             owner = self._owner(device) if device else None
             request = indi.get_properties(device, name)
             for driver in [owner] if owner is not None else list(self.drivers.values()):
                 if driver.running:
                     self._to_driver(driver, request)
-        elif verb in wire.DRIVER_OUTPUT and payload and device:
+        elif verb in wire.DRIVER_OUTPUT and device:
             blob = flags == wire.FLAG_BLOB
             data = None
             for driver in self.drivers.values():
@@ -443,7 +445,7 @@ class ExDriverWorker(Worker):
                         (verb != wire.MSG or driver.spec.snoop_messages) and \
                         driver.interest.wants(device, name, blob):
                     if data is None:
-                        data = payload[0].bytes
+                        data = payload.bytes
                     self._to_driver(driver, data)
 
     def _owner(self, device: str) -> Driver | None:

@@ -70,7 +70,7 @@ class ConnectionSlots:
 
 class Client:
     __slots__ = ("cid", "sock", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
-                 "write_dead", "slot")
+                 "write_dead", "slot", "dirty")
 
     def __init__(self, cid: int, sock: socket.socket, peer: str, max_element: int):
         self.cid = cid
@@ -84,6 +84,7 @@ class Client:
         self.closed = False
         self.write_dead = False  # the peer stopped reading (EPIPE): still read what it sent
         self.slot = -1  # its ConnectionSlots lock, when maxconnections is set
+        self.dirty = False  # has output queued since the last flush of this turn
 
 
 def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
@@ -119,6 +120,7 @@ class Gateway(Worker):
         self.max_queue_bytes = int(spec.get("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES))
         self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
         self.listener: socket.socket | None = None
+        self._dirty: list[Client] = []
         super().__init__(spec)
         self.slots = (ConnectionSlots(self.runtime.path / "slots", self.maxconnections)
                       if self.maxconnections else None)
@@ -246,7 +248,7 @@ class Gateway(Worker):
                 log.info("client %s: %s without device or name ignored", client.peer, tag)
                 return
             self._add_interest(client, device, "")
-            self.backbone.send(wire.NEW, device, name, b"", [el.raw])
+            self.backbone.send(wire.NEW, device, name, b"", el.raw)
         elif tag == "getProperties":
             self._add_interest(client, device, name)
             self.backbone.send(wire.GETP, device, name)
@@ -271,11 +273,10 @@ class Gateway(Worker):
             self.backbone.update_interests()
 
     # -- server → clients -------------------------------------------------------------------
-    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: list) -> None:
-        if verb not in wire.DRIVER_OUTPUT or not payload:
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
+        if verb not in wire.DRIVER_OUTPUT:
             return
-        frame: zmq.Frame = payload[0]
-        data: bytes | memoryview = frame.buffer if len(frame) >= 65536 else frame.bytes
+        data: bytes | memoryview = payload.buffer if len(payload) >= 65536 else payload.bytes
         blob = flags == wire.FLAG_BLOB
         for client in list(self.clients.values()):
             if client.interest.wants(device, name, blob):
@@ -297,8 +298,19 @@ class Gateway(Worker):
             return
         was_empty = not client.out
         client.out.push(data)
-        if was_empty:
-            self._flush(client)
+        if was_empty and not client.dirty:
+            # One writev per client per turn of the loop, however many messages it got.
+            client.dirty = True
+            self._dirty.append(client)
+            if len(self._dirty) == 1:
+                self.reactor.defer(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for client in dirty:
+            client.dirty = False
+            if not client.closed:
+                self._flush(client)
 
     def _flush(self, client: Client) -> None:
         try:

@@ -46,6 +46,7 @@ class Reactor:
         self._zsock: zmq.Socket | None = None
         self._zcallback: Callback | None = None
         self._running = False
+        self._deferred: list[Callback] = []
         self._signals: list[int] = []
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -105,6 +106,16 @@ class Reactor:
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
 
+    def defer(self, callback: Callback) -> None:
+        """Run `callback` at the end of this turn of the loop (flushes batched output)."""
+        self._deferred.append(callback)
+
+    def _run_deferred(self) -> None:
+        while self._deferred:
+            batch, self._deferred = self._deferred, []
+            for callback in batch:
+                callback()
+
     # -- signals ----------------------------------------------------------------------------
     def on_signal(self, signum: int, handler: Callable[[int], None]) -> None:
         """The OS handler only records the signal; `handler` runs later in the loop."""
@@ -136,7 +147,7 @@ class Reactor:
         self._running = True
         while self._running:
             timeout: float | None = None
-            if self._zmq_ready() or self._signals:
+            if self._zmq_ready() or self._signals or self._deferred:
                 timeout = 0
             elif self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
@@ -150,6 +161,7 @@ class Reactor:
                     handlers[1]()
             if self._zcallback is not None and self._zmq_ready():
                 self._zcallback()
+            self._run_deferred()
             while self._signals:
                 signum = self._signals.pop(0)
                 handler = self._signal_handlers.get(signum)
@@ -160,6 +172,7 @@ class Reactor:
                 _, _, timer = heapq.heappop(self._timers)
                 if not timer.cancelled:
                     timer.callback()
+            self._run_deferred()
 
     def close(self) -> None:
         self._sel.close()

@@ -23,6 +23,8 @@ import socket
 import time
 from typing import Any
 
+import zmq
+
 from indibroker.broker import wire
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
@@ -114,8 +116,8 @@ class RemoteBridge(Worker):
         self.decoder = StreamDecoder(max_element=self.decoder.max_element, resync=True)
         log.info("connected to remote %s", self.where)
         if self._down_since is not None:
-            self.backbone.send(wire.MSG, "", "", b"", [indi.message(
-                f"indibroker: remote INDI server {self.where} is back")])
+            self.backbone.send(wire.MSG, "", "", b"", indi.message(
+                f"indibroker: remote INDI server {self.where} is back"))
             self._down_since = None
         self._up(indi.get_properties(self.only_device))
         self.status_changed()
@@ -132,12 +134,12 @@ class RemoteBridge(Worker):
         was_connected = self.connected
         self._close()
         for device in sorted(self.devices):
-            self.backbone.send(wire.DEL, device, "", b"", [indi.del_property(device)])
+            self.backbone.send(wire.DEL, device, "", b"", indi.del_property(device))
         if was_connected or self.attempt == 0:
             text = f"indibroker: remote INDI server {self.where} lost ({why}); reconnecting"
             log.warning("%s", text)
             for device in sorted(self.devices) or [""]:
-                self.backbone.send(wire.MSG, device, "", b"", [indi.message(text, device)])
+                self.backbone.send(wire.MSG, device, "", b"", indi.message(text, device))
         self.devices.clear()
         if self._down_since is None:
             self._down_since = time.monotonic()
@@ -190,7 +192,7 @@ class RemoteBridge(Worker):
             self.devices.discard(device)
             self.status_changed()
         flags = wire.FLAG_BLOB if tag == "setBLOBVector" else b""
-        self.backbone.send(verb, device, name, flags, [el.raw])
+        self.backbone.send(verb, device, name, flags, el.raw)
 
     def _seen_recently(self, raw: bytes) -> bool:
         now = time.monotonic()
@@ -206,11 +208,11 @@ class RemoteBridge(Worker):
         return False
 
     # -- us → remote ------------------------------------------------------------------------
-    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: list) -> None:
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
         if not self.connected:
             return
         if verb == wire.NEW and payload and device in self.devices:
-            self._up(payload[0].bytes)
+            self._up(payload.bytes)
         elif verb == wire.GETP:
             if device:
                 if device in self.devices or device == self.only_device:
