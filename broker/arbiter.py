@@ -73,6 +73,7 @@ class Arbiter:
         self.control = ControlServer(runtime.control_path, self._command)
         self.fifo: FifoReader | None = None
         self._psutil_cache: dict[int, Any] = {}
+        self.started_wall = time.time()
         self._build_children()
 
     # -- the process tree -------------------------------------------------------------------
@@ -275,7 +276,10 @@ class Arbiter:
 
     def status(self) -> list[dict[str, Any]]:
         files = self.runtime.read_status()
-        rows: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = [{
+            "role": "arbiter", "name": "arbiter", "pid": os.getpid(), "state": "RUNNING", "restarts": 0,
+            "uptime": round(time.time() - self.started_wall, 1), **self._usage(os.getpid()), "last_exit": "",
+        }]
         for child in self.children:
             info = files.get(child.name, {})
             row = self._row(child.name, child.role, child.proc.pid if child.proc else None,

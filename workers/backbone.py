@@ -39,6 +39,7 @@ class Backbone:
         on_message: MessageHandler,
         devices: Callable[[], Iterable[str]],
         interests: Callable[[], Iterable[tuple[str, str, int]]],
+        registered_again: Callable[[], None] = lambda: None,
     ):
         self.reactor = reactor
         self.role = role
@@ -46,6 +47,7 @@ class Backbone:
         self._on_message = on_message
         self._devices = devices
         self._interests = interests
+        self._registered_again = registered_again
         self._last_sub: bytes | None = None
         self._pending: list[bytes | zmq.Frame] = []
         self.sock = ctx.socket(zmq.DEALER)
@@ -114,6 +116,7 @@ class Backbone:
                 if verb == wire.WHO:
                     log.info("broker does not know us (restarted?): registering again")
                     self.hello()
+                    self._registered_again()
                     break
                 if verb != wire.HB:
                     self._on_message(verb, device, name, flags, msg[i + 1])
@@ -124,6 +127,7 @@ class Backbone:
                         time.monotonic() - self._last_heard)
             self._last_heard = time.monotonic()
             self.hello()
+            self._registered_again()
         else:
             self.send(wire.HB)
         self.reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)

@@ -47,7 +47,7 @@ class Worker:
         self.started = time.time()
         self.backbone = Backbone(
             self.reactor, self.ctx, self.runtime.broker_endpoint, self.backbone_role, self.name,
-            self.on_backbone, self.owned_devices, self.interests,
+            self.on_backbone, self.owned_devices, self.interests, self.registered_again,
         )
 
     # -- for subclasses ---------------------------------------------------------------------
@@ -64,9 +64,13 @@ class Worker:
     def interests(self) -> list[tuple[str, str, int]]:
         return []
 
+    def registered_again(self) -> None:
+        """Called after this worker registered with a broker that did not know it (restarted)."""
+
     def on_command(self, command: dict[str, Any]) -> None:
         if command.get("cmd") == "hello":  # the arbiter restarted the broker: register at once
             self.backbone.hello()
+            self.registered_again()
         else:
             log.warning("unknown command %r", command)
 

@@ -42,6 +42,7 @@ READ_SIZE = 32 * 1024  # per turn: a flooding driver cannot hold the loop longer
 DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
 DEFAULT_HANG_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
+REDEFINE_DELAY = 1.0  # after registering with a restarted broker, before drivers define again
 LOG_FILE_BYTES = 1024 * 1024
 LOG_FILE_COUNT = 3
 
@@ -56,6 +57,7 @@ class DriverSpec:
     hang_timeout: float = DEFAULT_HANG_TIMEOUT
     max_element: int = DEFAULT_MAX_ELEMENT
     snoop_messages: bool = True
+    stopped: bool = False  # an operator stopped it: a restarted worker leaves it stopped
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DriverSpec:
@@ -67,6 +69,7 @@ class DriverSpec:
             hang_timeout=float(data.get("hang_timeout", DEFAULT_HANG_TIMEOUT)),
             max_element=int(data.get("max_element", DEFAULT_MAX_ELEMENT)),
             snoop_messages=bool(data.get("snoop_messages", True)),
+            stopped=bool(data.get("stopped", False)),
         )
 
 
@@ -85,6 +88,7 @@ class Driver:
         self.stuck_since: float | None = None  # since when waiting input has not moved
         self.progress_mark = 0  # stdin.written when last checked
         self.dropped_commands = 0
+        self.dropped_logged = -1e9
         self.malformed = 0
         self.started_wall: float | None = None
         self._stderr_buf = b""
@@ -150,7 +154,18 @@ class ExDriverWorker(Worker):
     def setup(self) -> None:
         self.reactor.on_signal(signal.SIGCHLD, self._on_sigchld)
         for driver in self.drivers.values():
-            self._start(driver)
+            if not driver.spec.stopped:
+                self._start(driver)
+
+    def registered_again(self) -> None:
+        # A new broker may have lost requests sent while it was down (a client's getProperties):
+        # have every driver define its properties again once the gateways are registered too.
+        self.reactor.call_later(REDEFINE_DELAY, self._redefine_all)
+
+    def _redefine_all(self) -> None:
+        for driver in self.drivers.values():
+            if driver.running:
+                self._to_driver(driver, indi.get_properties())
 
     def shutdown(self) -> None:
         self._stop_all(STOP_TIMEOUT)
@@ -460,7 +475,9 @@ class ExDriverWorker(Worker):
             return
         if driver.stdin.bytes + len(data) > driver.spec.queue_bytes:
             driver.dropped_commands += 1
-            if driver.dropped_commands in (1, 10, 100) or driver.dropped_commands % 1000 == 0:
+            now = time.monotonic()
+            if now - driver.dropped_logged >= 5.0:
+                driver.dropped_logged = now
                 log.warning("driver %s is not reading its input: %d message(s) dropped",
                             driver.name, driver.dropped_commands)
             return

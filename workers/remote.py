@@ -75,6 +75,11 @@ class RemoteBridge(Worker):
     def shutdown(self) -> None:
         self._close()
 
+    def registered_again(self) -> None:
+        # Requests sent while the broker was down are lost: have the remote define again.
+        if self.connected:
+            self.reactor.call_later(1.0, lambda: self._up(indi.get_properties(self.only_device)))
+
     def owned_devices(self) -> list[str]:
         return sorted(self.devices)
 
