@@ -121,6 +121,8 @@ class Gateway(Worker):
         self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
         self.listener: socket.socket | None = None
         self._dirty: list[Client] = []
+        self._rbuf = bytearray(READ_SIZE)
+        self._rbuf_view = memoryview(self._rbuf)
         super().__init__(spec)
         self.slots = (ConnectionSlots(self.runtime.path / "slots", self.maxconnections)
                       if self.maxconnections else None)
@@ -216,7 +218,8 @@ class Gateway(Worker):
     def _readable(self, client: Client) -> None:
         for _ in range(READS_PER_TURN):
             try:
-                data = client.sock.recv(READ_SIZE)
+                n = client.sock.recv_into(self._rbuf)
+                data = self._rbuf_view[:n].tobytes()  # one shared buffer: no big allocation per read
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -236,7 +239,7 @@ class Gateway(Worker):
                 self._from_client(client, element)
                 if client.closed:
                     return
-            if len(data) < READ_SIZE:
+            if n < READ_SIZE:
                 return
 
     def _from_client(self, client: Client, el: Element) -> None:
@@ -290,7 +293,7 @@ class Gateway(Worker):
             self._drop(client, f"too slow: {queued} bytes queued, over {self.max_queue_bytes}",
                        level=logging.WARNING)
             return
-        if blob and queued > self.blob_drop_bytes:
+        if blob and client.out.backlog() > self.blob_drop_bytes:
             client.blobs_dropped += 1
             if client.blobs_dropped in (1, 10, 100) or client.blobs_dropped % 1000 == 0:
                 log.warning("client %s is %d bytes behind: %d streaming BLOB(s) dropped",

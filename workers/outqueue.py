@@ -26,6 +26,11 @@ class OutQueue:
     def __bool__(self) -> bool:
         return self.bytes > 0
 
+    def backlog(self) -> int:
+        """Bytes queued beyond the message being written now: how far behind the peer really is
+        (a client reading one 10 MB BLOB at full speed is not behind by 10 MB)."""
+        return self.bytes - len(self._chunks[0]) if self._chunks else 0
+
     def push(self, data: bytes | memoryview) -> None:
         if data:
             self._chunks.append(data)
