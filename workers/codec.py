@@ -62,6 +62,12 @@ def _parser() -> etree.XMLParser:
     )
 
 
+def _copy(buf: bytearray, start: int, end: int) -> bytes:
+    """One copy of a slice (``bytes(buf[a:b])`` makes two: a multi-MB BLOB counts)."""
+    with memoryview(buf) as view:
+        return bytes(view[start:end])
+
+
 class StreamDecoder:
     """Incremental decoder: `feed()` bytes, get back the elements completed so far.
 
@@ -84,6 +90,11 @@ class StreamDecoder:
         self._open: list[bytes] = []  # names of the elements open in the current one
         self._start = -1  # offset of the current top-level element, -1 between elements
         self._parser = _parser()
+
+    @property
+    def in_element(self) -> bool:
+        """Inside an unfinished element (a big BLOB, typically)."""
+        return self._start >= 0
 
     @property
     def buffered(self) -> int:
@@ -200,7 +211,7 @@ class StreamDecoder:
         end = m.end()
         if end - lt > self.max_element:
             return False  # let the careful scan report it
-        raw = bytes(buf[lt:end])
+        raw = _copy(buf, lt, end)
         try:
             root = etree.fromstring(raw, self._parser)
         except etree.XMLSyntaxError:
@@ -225,7 +236,7 @@ class StreamDecoder:
 
     def _emit(self, out: list[Element], end: int) -> None:
         buf = self._buf
-        raw = bytes(buf[self._start : end])
+        raw = _copy(buf, self._start, end)
         del buf[:end]
         self._start = -1
         self._resume = 0

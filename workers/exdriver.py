@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 driver_log = logging.getLogger("indibroker.driver")
 
 READ_SIZE = 32 * 1024  # per turn: a flooding driver cannot hold the loop longer than this takes
+BLOB_READ_SIZE = 1024 * 1024  # per turn inside one big element: it is one message, read it briskly
 DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
 DEFAULT_HANG_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
@@ -355,8 +356,9 @@ class ExDriverWorker(Worker):
         proc = driver.proc
         if proc is None or proc.stdout is None:
             return
+        size = BLOB_READ_SIZE if driver.decoder.in_element else READ_SIZE
         try:
-            data = os.read(proc.stdout.fileno(), READ_SIZE)
+            data = os.read(proc.stdout.fileno(), size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
