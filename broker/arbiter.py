@@ -82,7 +82,7 @@ class Arbiter:
         self.children.append(Child("broker", "broker", {"name": "broker"}))
         drivers = list(cfg.drivers)
         if not drivers and not cfg.remotes and cfg.demo and not cfg.fifo:
-            drivers.append(DriverConfig(argv=[sys.executable, "-m", "indibroker.workers.demo"],
+            drivers.append(DriverConfig(argv=[sys.executable, "-P", "-m", "indibroker.workers.demo"],
                                         name="demo"))
         for i in range(max(1, cfg.gateways)):
             self.children.append(Child(f"gateway-{i}", "gateway", {

@@ -29,7 +29,7 @@ def load(spec: str) -> Any:
     if not sep or not module_name or not attribute:
         raise ValueError(f"driver spec {spec!r}: expected package.module:attribute")
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a driver module beside the config, as `python -m` finds it
+        sys.path.insert(0, os.getcwd())  # a driver module in the working directory, as `python -m` finds it
     obj: Any = importlib.import_module(module_name)
     for part in attribute.split("."):
         obj = getattr(obj, part)
@@ -47,7 +47,8 @@ def run(driver: Any) -> int:
 
 
 def argv_for(spec: str) -> list[str]:
-    return [sys.executable, "-m", "indibroker.workers.pydriver", spec]
+    # -P: the working directory must not shadow our package; load() adds it back for the driver.
+    return [sys.executable, "-P", "-m", "indibroker.workers.pydriver", spec]
 
 
 def main() -> int:
