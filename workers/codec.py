@@ -68,6 +68,9 @@ def _copy(buf: bytearray, start: int, end: int) -> bytes:
         return bytes(view[start:end])
 
 
+_PARSER = _parser()  # one per process: lxml parsers are reusable, and each costs memory
+
+
 class StreamDecoder:
     """Incremental decoder: `feed()` bytes, get back the elements completed so far.
 
@@ -77,6 +80,9 @@ class StreamDecoder:
     afresh with the next feed, so a caller that tolerates bad input (a driver) can keep feeding; a
     caller that does not (a client gateway) simply drops the connection.
     """
+
+    __slots__ = ("max_element", "max_depth", "resync", "faults", "_resume", "_buf", "_scan", "_open",
+                 "_start", "_parser")
 
     def __init__(self, max_element: int = DEFAULT_MAX_ELEMENT, max_depth: int = DEFAULT_MAX_DEPTH,
                  resync: bool = False):
@@ -89,7 +95,7 @@ class StreamDecoder:
         self._scan = 0  # where scanning resumes
         self._open: list[bytes] = []  # names of the elements open in the current one
         self._start = -1  # offset of the current top-level element, -1 between elements
-        self._parser = _parser()
+        self._parser = _PARSER
 
     @property
     def in_element(self) -> bool:

@@ -39,6 +39,7 @@ READS_PER_TURN = 4  # then let other clients and the backbone have their turn
 DEFAULT_CLIENT_MAX_ELEMENT = 16 * 1024 * 1024
 DEFAULT_BLOB_DROP_BYTES = 5 * 1024 * 1024  # indiserver -d
 DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
+GETP_COALESCE = 2.0  # seconds a getProperties waiting for its first answer stands for others
 ADMIT_GRACE = 0.5  # seconds a connection over maxconnections waits for a slot before refusal
 
 
@@ -72,12 +73,12 @@ class Client:
     __slots__ = ("cid", "sock", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
                  "write_dead", "slot", "dirty")
 
-    def __init__(self, cid: int, sock: socket.socket, peer: str, max_element: int):
+    def __init__(self, cid: int, sock: socket.socket, peer: str):
         self.cid = cid
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
-        self.decoder = StreamDecoder(max_element=max_element)
+        self.decoder: StreamDecoder | None = None  # made when input arrives, dropped when idle
         self.out = OutQueue()
         self.interest = Interest()
         self.blobs_dropped = 0
@@ -121,6 +122,7 @@ class Gateway(Worker):
         self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
         self.listener: socket.socket | None = None
         self._dirty: list[Client] = []
+        self._asked: dict[tuple[str, str], float] = {}  # getProperties sent, no definition back yet
         self._rbuf = bytearray(READ_SIZE)
         self._rbuf_view = memoryview(self._rbuf)
         super().__init__(spec)
@@ -177,7 +179,7 @@ class Gateway(Worker):
             slot = taken
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = Client(next(self._ids), sock, peer, self.max_element)
+        client = Client(next(self._ids), sock, peer)
         client.slot = slot
         self.clients[client.fd] = client
         self.reactor.add_reader(client.fd, lambda c=client: self._readable(c))
@@ -228,13 +230,18 @@ class Gateway(Worker):
             if not data:
                 self._drop(client, "disconnected")
                 return
+            decoder = client.decoder
+            if decoder is None:
+                decoder = client.decoder = StreamDecoder(max_element=self.max_element)
             try:
-                elements = client.decoder.feed(data)
+                elements = decoder.feed(data)
             except MalformedInput as exc:
                 for element in exc.elements:
                     self._from_client(client, element)
                 self._drop(client, f"malformed input: {exc}", level=logging.WARNING)
                 return
+            if not decoder.buffered:
+                client.decoder = None  # nothing half-read: an idle client holds no decoder
             for element in elements:
                 self._from_client(client, element)
                 if client.closed:
@@ -254,7 +261,7 @@ class Gateway(Worker):
             self.backbone.send(wire.NEW, device, name, b"", el.raw)
         elif tag == "getProperties":
             self._add_interest(client, device, name)
-            self.backbone.send(wire.GETP, device, name)
+            self._ask(device, name)
         elif tag == "enableBLOB":
             mode = indi.BlobMode.parse(el.root.text)
             if not device or mode is None:
@@ -269,6 +276,22 @@ class Gateway(Worker):
         else:
             log.debug("client %s: %s ignored", client.peer, tag)
 
+    def _ask(self, device: str, name: str) -> None:
+        """Pass a getProperties on, unless the same question is already on its way.
+
+        Answers (definitions) go to every interested client, and this client's interest is
+        registered already: if no definition has come back since the same request went out, it
+        will receive the whole answer to that one. Without this, N clients connecting together
+        make the drivers define everything N times to N clients.
+        """
+        key = (device, name)
+        now = time.monotonic()
+        sent = self._asked.get(key)
+        if sent is not None and now - sent < GETP_COALESCE:
+            return
+        self._asked[key] = now
+        self.backbone.send(wire.GETP, device, name)
+
     def _add_interest(self, client: Client, device: str, name: str, force: bool = False) -> None:
         before = force or not client.interest.wants_device(device, name)
         client.interest.add(device, name)
@@ -279,6 +302,10 @@ class Gateway(Worker):
     def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
         if verb not in wire.DRIVER_OUTPUT:
             return
+        if verb == wire.DEF and self._asked:  # an answer has begun: later askers ask again
+            self._asked.pop(("", ""), None)
+            self._asked.pop((device, ""), None)
+            self._asked.pop((device, name), None)
         data: bytes | memoryview = payload.buffer if len(payload) >= 65536 else payload.bytes
         blob = flags == wire.FLAG_BLOB
         for client in list(self.clients.values()):

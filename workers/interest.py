@@ -17,20 +17,25 @@ from indibroker.workers.indi import BlobMode
 
 __all__ = ["Interest", "union"]
 
+_NONE: dict = {}  # never written to: Interest replaces it with its own dict on first use
+
 
 class Interest:
     __slots__ = ("all_devices", "devices", "blob_device", "blob_property")
 
     def __init__(self) -> None:
         self.all_devices = False
-        self.devices: dict[str, set[str] | None] = {}  # None: every property of the device
-        self.blob_device: dict[str, BlobMode] = {}
-        self.blob_property: dict[tuple[str, str], BlobMode] = {}
+        # Shared empty mappings until first written: an idle client's interest costs ~nothing.
+        self.devices: dict[str, set[str] | None] = _NONE  # None: every property of the device
+        self.blob_device: dict[str, BlobMode] = _NONE
+        self.blob_property: dict[tuple[str, str], BlobMode] = _NONE
 
     def add(self, device: str = "", name: str = "") -> None:
         if not device:
             self.all_devices = True
             return
+        if self.devices is _NONE:
+            self.devices = {}
         if device in self.devices:
             names = self.devices[device]
             if names is not None:
@@ -42,6 +47,10 @@ class Interest:
             self.devices[device] = {name} if name else None
 
     def set_blob(self, device: str, name: str, mode: BlobMode) -> None:
+        if self.blob_property is _NONE:
+            self.blob_property = {}
+        if self.blob_device is _NONE:
+            self.blob_device = {}
         if name:
             self.blob_property[(device, name)] = mode
         else:
