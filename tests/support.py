@@ -58,6 +58,7 @@ class RawClient:
         self.decoder = StreamDecoder()
         self.elements: list[Element] = []
         self.arrivals: list[float] = []  # wall-clock time each element was read
+        self.times: list[float] = []  # the same, on the monotonic clock
         self.closed = False
         self.received_bytes = 0
 
@@ -68,8 +69,9 @@ class RawClient:
         self.sock.sendall(data)
         self.sock.setblocking(False)
 
-    def pump(self, timeout: float = 0.05) -> int:
-        """Read what has arrived within `timeout`; return the number of new elements."""
+    def pump(self, timeout: float = 0.05, first: bool = False) -> int:
+        """Read what arrives within `timeout` (with `first`, stop at the first element that
+        arrives); return the number of new elements."""
         import select
 
         before = len(self.elements)
@@ -92,6 +94,9 @@ class RawClient:
             new = self.decoder.feed(data)
             self.elements.extend(new)
             self.arrivals.extend([time.time()] * len(new))
+            self.times.extend([time.monotonic()] * len(new))
+            if first and len(self.elements) > before:
+                break
         return len(self.elements) - before
 
     def wait_for(self, pred: Callable[[Element], bool], timeout: float = 10.0, start: int = 0,

@@ -84,39 +84,10 @@ def write_toml(tmp_path: Path, text: str) -> str:
 
 
 class TimedClient(RawClient):
-    """A RawClient that also records when each element arrived (time.monotonic() at its recv)."""
+    """A RawClient whose pump returns as soon as something arrived (arrival times: `times`)."""
 
-    def __init__(self, port: int):
-        super().__init__(port)
-        self.times: list[float] = []
-
-    def pump(self, timeout: float = 0.05) -> int:
-        """As RawClient.pump, but returns as soon as something arrived, and timestamps each read."""
-        before = len(self.elements)
-        deadline = time.monotonic() + timeout
-        while not self.closed:
-            ready, _, _ = select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            try:
-                data = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                self.closed = True
-                break
-            now = time.monotonic()
-            self.received_bytes += len(data)
-            new = self.decoder.feed(data)
-            self.elements.extend(new)
-            self.times.extend([now] * len(new))
-            if hasattr(self, "arrivals"):  # support.RawClient's wall-clock record, kept in step
-                self.arrivals.extend([time.time()] * len(new))
-            if len(self.elements) > before:
-                break
-        return len(self.elements) - before
+    def pump(self, timeout: float = 0.05, first: bool = True) -> int:
+        return super().pump(timeout, first)
 
     def watch(self, seconds: float) -> None:
         """Keep reading for `seconds` (a bounded observation window, not a synchronisation)."""
