@@ -17,7 +17,7 @@ from indibroker.broker.control import request
 from indibroker.broker.errors import ConfigError, ControlError, IndibrokerError
 from indibroker.broker.runtime import RuntimeDir, configure_logging
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "serve"]
 
 log = logging.getLogger("indibroker")
 
@@ -107,9 +107,13 @@ def _runtime(args: argparse.Namespace, port: int) -> RuntimeDir:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    return serve(config_from_args(args))
+
+
+def serve(config: Config) -> int:
+    """Run an instance in the foreground until SIGTERM or Ctrl-C (also the indiserver shim's)."""
     from indibroker.broker.arbiter import Arbiter  # the other commands need none of this
 
-    config = config_from_args(args)
     configure_logging("arbiter", logging.getLevelName(config.log_level.upper()))
     runtime = _runtime(argparse.Namespace(runtime_dir=config.runtime_dir), config.port)
     runtime.acquire()

@@ -1,0 +1,71 @@
+"""`indibroker-indiserver`: indiserver's command line, served by indibroker.
+
+Tools that start `indiserver` with its options (INDI Web Manager, scripts, KStars' local mode)
+can start this instead, unchanged::
+
+    indibroker-indiserver [-p port] [-r restarts] [-m MB] [-d MB] [-f fifo] [-l dir] [-v] \\
+        driver [driver ...] [device@host[:port] ...]
+
+As indiserver: every interface is served (not only localhost), `-r` bounds a crashing driver's
+restarts (ours back off between them and forgive a driver that ran stably), `-f` accepts
+`start`/`stop` lines. `-u` (indiserver's local socket) is accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from indibroker.broker.config import Config, DriverConfig, RemoteConfig
+from indibroker.broker.errors import IndibrokerError
+
+__all__ = ["main", "config_from_indiserver_args"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="indibroker-indiserver",
+                                     description="indiserver's command line, served by indibroker")
+    parser.add_argument("-p", type=int, default=7624, dest="port", help="IP port (7624)")
+    parser.add_argument("-r", type=int, default=10, dest="restarts", help="maximum driver restarts (10)")
+    parser.add_argument("-m", type=float, default=128, dest="client_max_mb",
+                        help="kill a client this many MB behind (128)")
+    parser.add_argument("-d", type=float, default=5, dest="blob_drop_mb",
+                        help="drop streaming BLOBs for a client this many MB behind (5)")
+    parser.add_argument("-f", dest="fifo", help="FIFO for dynamic start and stop of drivers")
+    parser.add_argument("-l", dest="log_dir", help="directory for driver logs")
+    parser.add_argument("-u", dest="unix_socket", help="ignored (indiserver's local socket path)")
+    parser.add_argument("-v", action="count", default=0, dest="verbose")
+    parser.add_argument("drivers", nargs="*", metavar="driver",
+                        help="executable, or [device]@host[:port] for a remote server")
+    return parser
+
+
+def config_from_indiserver_args(argv: list[str]) -> Config:
+    args = _parser().parse_args(argv)
+    if not args.drivers and not args.fifo:
+        raise IndibrokerError("no drivers given (and no -f FIFO to start them later)")
+    config = Config(host="0.0.0.0", port=args.port, demo=False, client_max_mb=args.client_max_mb,
+                    blob_drop_mb=args.blob_drop_mb, fifo=args.fifo, log_dir=args.log_dir,
+                    log_level="DEBUG" if args.verbose > 1 else "INFO")
+    config.restart["max_restarts"] = args.restarts
+    for driver in args.drivers:
+        if "@" in driver:
+            config.remotes.append(RemoteConfig.parse(driver, blob_enable=True))
+        else:
+            config.drivers.append(DriverConfig(argv=[driver]))
+    config.assign_names()
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    from indibroker.broker.cli import serve
+
+    try:
+        return serve(config_from_indiserver_args(sys.argv[1:] if argv is None else argv))
+    except IndibrokerError as exc:
+        sys.stderr.write(f"indibroker-indiserver: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
