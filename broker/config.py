@@ -66,6 +66,7 @@ class RemoteConfig:
     device: str = ""  # only this device, as indiserver's device@host:port
     blob_enable: bool = False
     name: str = ""
+    snoop_up: bool = True  # relay our devices' traffic up, for the remote's snooping drivers
 
     @classmethod
     def parse(cls, text: str, blob_enable: bool = False) -> RemoteConfig:
@@ -79,7 +80,7 @@ class RemoteConfig:
 
     def to_spec(self) -> dict[str, Any]:
         return {"name": self.name, "host": self.host, "port": self.port, "device": self.device,
-                "blob_enable": self.blob_enable}
+                "blob_enable": self.blob_enable, "snoop_up": self.snoop_up}
 
 
 @dataclass
@@ -184,7 +185,8 @@ def load_toml(path: str | Path, config: Config | None = None) -> Config:
 def _remote_table(where: str, table: Any) -> RemoteConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
-    kinds = {"host": "str", "port": "int", "device": "str", "blob_enable": "bool", "name": "str"}
+    kinds = {"host": "str", "port": "int", "device": "str", "blob_enable": "bool", "name": "str",
+             "snoop_up": "bool"}
     for key, value in table.items():
         if key not in kinds:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(kinds))})")

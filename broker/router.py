@@ -91,6 +91,10 @@ class Broker:
                 table.release(ident, device)
             for target in table.targets(device, name, flags == wire.FLAG_BLOB):
                 self._queue(target, head, payload)
+        elif verb == wire.SNOOP:
+            for target in table.targets(device, name, flags == wire.FLAG_BLOB):
+                if table.peers[target].role == "driver":
+                    self._queue(target, head, payload)
         elif verb == wire.GETP:
             owner = table.owner(device) if device else None
             if owner is not None:

@@ -17,6 +17,8 @@ GETP       getProperties from a client or a snooping driver: to the owner, or ev
 NEW        a client's new*Vector: to the device's owner only
 DEF SET    a driver's def*/set*Vector: to every peer interested (flag ``B``: a setBLOBVector)
 DEL MSG    a driver's delProperty / message (MSG without a device goes to every gateway)
+SNOOP      a set*/def*/del/message from a *client* (a chained server relaying its devices):
+           to snooping drivers only, never on to clients or bridges (so it cannot circle)
 =========  ===================================================================================
 """
 
@@ -27,7 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
-    "WIRE_VERSION", "HELLO", "WHO", "SUB", "HB", "GETP", "NEW", "DEF", "SET", "DEL", "MSG",
+    "WIRE_VERSION", "HELLO", "WHO", "SUB", "HB", "GETP", "NEW", "DEF", "SET", "DEL", "MSG", "SNOOP",
     "FLAG_BLOB", "WANT_PLAIN", "WANT_BLOB", "DRIVER_OUTPUT",
     "header", "parse_header", "hello_payload", "parse_hello", "encode_interests", "decode_interests",
 ]
@@ -44,6 +46,7 @@ DEF = b"DEF"
 SET = b"SET"
 DEL = b"DEL"
 MSG = b"MSG"
+SNOOP = b"SNOOP"
 
 DRIVER_OUTPUT = frozenset({DEF, SET, DEL, MSG})
 

@@ -144,3 +144,27 @@ def test_cycle_of_servers_is_bounded(broker_factory, home):
         d.send(new_vector("Switch", "led", "LED", {"LED_ON": "On"}))
         on = c.wait_for(lambda e: is_("setSwitchVector", "led", "LED")(e) and member(e, "LED_ON") == "On", 15)
         assert on is not None
+
+
+def test_remote_driver_snoops_a_device_served_here(broker_factory, home):
+    """The CCD simulator on the remote indiserver snoops the telescope served by indibroker:
+    the bridge relays our devices' traffic up, as a chained server does."""
+    with IndiServer("indi_simulator_ccd", extra=("-u", f"/tmp/indiserver-{os.getpid()}-up")) as root:
+        b = broker_factory("--remote", f"127.0.0.1:{root.port}", "--remote-blobs",
+                           "--exdriver", "indi_simulator_telescope", env=home)
+        with clients(b.port, 1) as (c,):
+            c.send('<getProperties version="1.7"/>')
+            c.send(f'<enableBLOB device="{CCD}">Also</enableBLOB>')
+            c.wait_for(is_("defSwitchVector", SCOPE, "CONNECTION"), 30)
+            c.send(new_vector("Switch", SCOPE, "CONNECTION", {"CONNECT": "On"}))
+            c.wait_for(is_("setNumberVector", SCOPE, "EQUATORIAL_EOD_COORD"), 20)
+            c.wait_for(is_("defSwitchVector", CCD, "CONNECTION"), 30)
+            c.send(new_vector("Switch", CCD, "CONNECTION", {"CONNECT": "On"}))
+            c.wait_for(is_("defNumberVector", CCD, "CCD_EXPOSURE"), 30)
+            c.pump(2.0)  # coordinate updates flow up to the CCD meanwhile
+            c.send(new_vector("Number", CCD, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": "1"}))
+            blob = c.wait_for(is_("setBLOBVector", CCD), 40, what="the exposure through the bridge")
+            one = blob.root[0]
+            import base64
+            header = base64.b64decode("".join((one.text or "").split()))[:2880 * 4].decode("ascii", "replace")
+            assert "DEC     =" in header or "OBJCTDEC" in header, header[:1200]

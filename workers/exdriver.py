@@ -454,7 +454,7 @@ class ExDriverWorker(Worker):
             for driver in [owner] if owner is not None else list(self.drivers.values()):
                 if driver.running:
                     self._to_driver(driver, request)
-        elif verb in wire.DRIVER_OUTPUT and device:
+        elif (verb in wire.DRIVER_OUTPUT or verb == wire.SNOOP) and device:
             blob = flags == wire.FLAG_BLOB
             data = None
             for driver in self.drivers.values():

@@ -271,9 +271,12 @@ class Gateway(Worker):
             self._add_interest(client, device, "", force=True)
         elif tag == "pingRequest":
             self._deliver(client, indi.ping_reply(el.get("uid")), blob=False)
-        elif tag == "pingReply":
-            pass
-        else:
+        elif tag in indi.DRIVER_VERBS:
+            # A chained server relays its devices' traffic as a client: for snooping drivers.
+            if device:
+                flags = wire.FLAG_BLOB if tag == "setBLOBVector" else b""
+                self.backbone.send(wire.SNOOP, device, name, flags, el.raw)
+        elif tag != "pingReply":
             log.debug("client %s: %s ignored", client.peer, tag)
 
     def _ask(self, device: str, name: str) -> None:

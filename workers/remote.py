@@ -52,6 +52,7 @@ class RemoteBridge(Worker):
         self.port = int(spec.get("port", 7624))
         self.only_device: str = spec.get("device", "")
         self.blob_enable = bool(spec.get("blob_enable", False))
+        self.snoop_up = bool(spec.get("snoop_up", True))
         self.devices: set[str] = set()
         self.sock: socket.socket | None = None
         self.connected = False
@@ -82,6 +83,12 @@ class RemoteBridge(Worker):
 
     def owned_devices(self) -> list[str]:
         return sorted(self.devices)
+
+    def interests(self) -> list[tuple[str, str, int]]:
+        # Our own devices' traffic goes up too, as a client relays it (indiserver passes a
+        # client's set*Vector to its snooping drivers; indibroker does the same): so the remote
+        # server's drivers can snoop devices served here. BLOBs stay home.
+        return [("", "", wire.WANT_PLAIN)] if self.snoop_up else []
 
     def status(self) -> dict[str, Any]:
         return {"remote": self.where, "connected": self.connected, "devices": sorted(self.devices),
@@ -216,7 +223,11 @@ class RemoteBridge(Worker):
     def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
         if not self.connected:
             return
-        if verb == wire.NEW and payload and device in self.devices:
+        if verb in (wire.SET, wire.DEF, wire.DEL) and device and device not in self.devices:
+            if self.upstream.bytes < UPSTREAM_QUEUE_BYTES // 2:  # snooping is best effort
+                self._up(payload.bytes)
+            return
+        if verb == wire.NEW and device in self.devices:
             self._up(payload.bytes)
         elif verb == wire.GETP:
             if device:
