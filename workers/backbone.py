@@ -26,6 +26,7 @@ LIVENESS = 3  # intervals without a word from the broker before we say HELLO aga
 
 MessageHandler = Callable[[bytes, str, str, bytes, zmq.Frame], None]
 BATCH = 512  # messages per ZeroMQ message at most
+HEADER_CACHE = 4096
 
 
 class Backbone:
@@ -50,6 +51,8 @@ class Backbone:
         self._registered_again = registered_again
         self._last_sub: bytes | None = None
         self._pending: list[bytes | zmq.Frame] = []
+        self._headers_out: dict[tuple[bytes, str, str, bytes], bytes] = {}
+        self._headers_in: dict[bytes, tuple[bytes, str, str, bytes]] = {}
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"{role}:{name}".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -80,7 +83,13 @@ class Backbone:
              payload: bytes | zmq.Frame = b"") -> None:
         """Queue one message; the batch goes out at the end of this turn of the loop."""
         pending = self._pending
-        pending += (wire.header(verb, device, name, flags), payload)
+        key = (verb, device, name, flags)
+        head = self._headers_out.get(key)
+        if head is None:  # a flood repeats a handful of headers: build each once
+            if len(self._headers_out) > HEADER_CACHE:
+                self._headers_out.clear()
+            head = self._headers_out[key] = wire.header(verb, device, name, flags)
+        pending += (head, payload)
         if len(pending) >= 2 * BATCH:
             self.flush()
         elif len(pending) == 2:
@@ -108,11 +117,18 @@ class Backbone:
                 log.warning("malformed batch from broker dropped")
                 continue
             for i in range(0, len(msg), 2):
-                try:
-                    verb, device, name, flags = wire.parse_header(msg[i].bytes)
-                except ValueError:
-                    log.warning("bad header from broker dropped")
-                    continue
+                raw = msg[i].bytes
+                parsed = self._headers_in.get(raw)
+                if parsed is None:
+                    try:
+                        parsed = wire.parse_header(raw)
+                    except ValueError:
+                        log.warning("bad header from broker dropped")
+                        continue
+                    if len(self._headers_in) > HEADER_CACHE:
+                        self._headers_in.clear()
+                    self._headers_in[raw] = parsed
+                verb, device, name, flags = parsed
                 if verb == wire.WHO:
                     log.info("broker does not know us (restarted?): registering again")
                     self.hello()
