@@ -17,6 +17,7 @@ import zmq
 from indibroker.broker import wire
 from indibroker.broker.routing import RoutingTable
 from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write
+from indibroker.broker.transport import recv_frames, send_frames
 
 __all__ = ["Broker", "main"]
 
@@ -141,7 +142,7 @@ class Broker:
         out, self._out = self._out, {}
         for ident, frames in out.items():
             try:
-                self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+                send_frames(self.sock, frames)
                 self.routed += (len(frames) - 1) // 2
             except zmq.Again:
                 self._drop(ident, "queue full", (len(frames) - 1) // 2)
@@ -202,7 +203,7 @@ def main() -> int:
         if broker.sock in events:
             for _ in range(1000):  # a bounded batch, then look at signals and the lifeline again
                 try:
-                    msg = broker.sock.recv_multipart(zmq.DONTWAIT, copy=False)
+                    msg = recv_frames(broker.sock)
                 except zmq.Again:
                     break
                 broker.handle(msg)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from indibroker.broker import wire
+from indibroker.broker.transport import recv_frames, send_frames
 from indibroker.workers.reactor import Reactor
 
 __all__ = ["Backbone", "HEARTBEAT_INTERVAL"]
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 5.0
 LIVENESS = 3  # intervals without a word from the broker before we say HELLO again
 
-MessageHandler = Callable[[bytes, str, str, bytes, zmq.Frame], None]
+MessageHandler = Callable[[bytes, str, str, bytes, bytes], None]
 BATCH = 512  # messages per ZeroMQ message at most
 HEADER_CACHE = 4096
 
@@ -100,7 +101,7 @@ class Backbone:
             return
         frames, self._pending = self._pending, []
         try:
-            self.sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
+            send_frames(self.sock, frames)
         except zmq.Again:
             self.dropped += len(frames) // 2
             log.warning("backbone queue full: %d message(s) dropped (%d so far)", len(frames) // 2,
@@ -109,7 +110,7 @@ class Backbone:
     def _readable(self) -> None:
         for _ in range(64):
             try:
-                msg = self.sock.recv_multipart(zmq.DONTWAIT, copy=False)
+                msg = recv_frames(self.sock, copy=True)
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
@@ -117,7 +118,7 @@ class Backbone:
                 log.warning("malformed batch from broker dropped")
                 continue
             for i in range(0, len(msg), 2):
-                raw = msg[i].bytes
+                raw = msg[i]
                 parsed = self._headers_in.get(raw)
                 if parsed is None:
                     try:

@@ -55,7 +55,7 @@ class Worker:
 
     def shutdown(self) -> None: ...
 
-    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         ...
 
     def owned_devices(self) -> list[str]:

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from indibroker.broker import wire
 from indibroker.broker.oscalls import describe_exit, pdeathsig_prefix, reap, signal_group, spawn
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
@@ -443,11 +441,11 @@ class ExDriverWorker(Worker):
             log.debug("driver %s: %s ignored", driver.name, tag)
 
     # -- server → driver --------------------------------------------------------------------
-    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if verb == wire.NEW:
             owner = self._owner(device)
             if owner is not None:
-                self._to_driver(owner, payload.bytes)
+                self._to_driver(owner, payload)
         elif verb == wire.GETP:
             owner = self._owner(device) if device else None
             request = indi.get_properties(device, name)
@@ -462,7 +460,7 @@ class ExDriverWorker(Worker):
                         (verb != wire.MSG or driver.spec.snoop_messages) and \
                         driver.interest.wants(device, name, blob):
                     if data is None:
-                        data = payload.bytes
+                        data = payload
                     self._to_driver(driver, data)
 
     def _owner(self, device: str) -> Driver | None:

@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from indibroker.broker import wire
 from indibroker.broker.errors import MalformedInput
 from indibroker.workers import indi
@@ -302,14 +300,14 @@ class Gateway(Worker):
             self.backbone.update_interests()
 
     # -- server → clients -------------------------------------------------------------------
-    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if verb not in wire.DRIVER_OUTPUT:
             return
         if verb == wire.DEF and self._asked:  # an answer has begun: later askers ask again
             self._asked.pop(("", ""), None)
             self._asked.pop((device, ""), None)
             self._asked.pop((device, name), None)
-        data: bytes | memoryview = payload.buffer if len(payload) >= 65536 else payload.bytes
+        data = payload
         blob = flags == wire.FLAG_BLOB
         for client in list(self.clients.values()):
             if client.interest.wants(device, name, blob):

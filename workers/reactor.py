@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import zmq
 
+from indibroker.broker.transport import readable
+
 __all__ = ["Reactor", "Timer"]
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class Reactor:
 
     def _zmq_ready(self) -> bool:
         sock = self._zsock
-        return sock is not None and bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        return sock is not None and readable(sock)
 
     # -- timers -----------------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callback) -> Timer:

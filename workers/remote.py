@@ -23,8 +23,6 @@ import socket
 import time
 from typing import Any
 
-import zmq
-
 from indibroker.broker import wire
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
@@ -220,15 +218,15 @@ class RemoteBridge(Worker):
         return False
 
     # -- us → remote ------------------------------------------------------------------------
-    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: zmq.Frame) -> None:
+    def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if not self.connected:
             return
         if verb in (wire.SET, wire.DEF, wire.DEL) and device and device not in self.devices:
             if self.upstream.bytes < UPSTREAM_QUEUE_BYTES // 2:  # snooping is best effort
-                self._up(payload.bytes)
+                self._up(payload)
             return
         if verb == wire.NEW and device in self.devices:
-            self._up(payload.bytes)
+            self._up(payload)
         elif verb == wire.GETP:
             if device:
                 if device in self.devices or device == self.only_device:
