@@ -252,8 +252,8 @@ class Arbiter:
             if not argv:
                 return {"ok": False, "error": f"no driver named {name!r}"}
             taken = {s["name"] for c in self._exdriver_workers() for s in c.spec["drivers"]}
-            config = DriverConfig(argv=list(argv), env=dict(env), name=name if name in env.values() else "")
-            config.name = config.name or driver_name(config.argv, config.env, taken)
+            config = DriverConfig(argv=list(argv), env=dict(env))
+            config.name = driver_name(config.argv, config.env, taken)  # INDIDEV (-n), else the program
             spec = config.to_spec(self.config)
             workers = self._exdriver_workers()
             if not workers:
