@@ -349,14 +349,12 @@ def group_main(spec: GroupSpec, pipe: multiprocessing.connection.Connection) -> 
             c.sock.close()
 
 
-class Group:
-    """The runner's handle on one client process."""
+class _ChildHandle:
+    """A client process and the pipe the runner talks to it through."""
 
-    def __init__(self, spec: GroupSpec):
-        self.spec = spec
-        self.info: dict[str, Any] = {}  # its "ready" report
+    def __init__(self, target: Any, *args: Any):
         self.pipe, child = _CTX.Pipe()
-        self.proc = _CTX.Process(target=group_main, args=(spec, child), daemon=True)
+        self.proc = _CTX.Process(target=target, args=(*args, child), daemon=True)
         self.proc.start()
         child.close()
 
@@ -371,13 +369,6 @@ class Group:
             raise RuntimeError(msg[1])
         return msg
 
-    def send(self, data: bytes) -> float:
-        self.pipe.send(("send", data))
-        return float(self.recv(10)[1])
-
-    def collect(self, t0: float, until: float, idle: float) -> None:
-        self.pipe.send(("collect", t0, until, idle))
-
     def close(self) -> None:
         try:
             self.pipe.send(("quit",))
@@ -388,6 +379,22 @@ class Group:
             self.proc.kill()
             self.proc.join(5)
         self.pipe.close()
+
+
+class Group(_ChildHandle):
+    """The runner's handle on one client process."""
+
+    def __init__(self, spec: GroupSpec):
+        self.spec = spec
+        self.info: dict[str, Any] = {}  # its "ready" report
+        super().__init__(group_main, spec)
+
+    def send(self, data: bytes) -> float:
+        self.pipe.send(("send", data))
+        return float(self.recv(10)[1])
+
+    def collect(self, t0: float, until: float, idle: float) -> None:
+        self.pipe.send(("collect", t0, until, idle))
 
 
 def spawn_groups(host: str, port: int, clients: int, procs: int, require_all: bool = True,
@@ -500,37 +507,15 @@ def latency_main(host: str, port: int, device: str, pipe: multiprocessing.connec
     sock.close()
 
 
-class Latency:
+class Latency(_ChildHandle):
     def __init__(self, host: str, port: int, device: str):
-        self.pipe, child = _CTX.Pipe()
-        self.proc = _CTX.Process(target=latency_main, args=(host, port, device, child), daemon=True)
-        self.proc.start()
-        child.close()
-        self._recv(60)
-
-    def _recv(self, timeout: float) -> tuple:
-        if not self.pipe.poll(timeout):
-            raise TimeoutError("latency client did not answer")
-        msg = self.pipe.recv()
-        if msg[0] == "error":
-            raise RuntimeError(msg[1])
-        return msg
+        super().__init__(latency_main, host, port, device)
+        self.recv(60)
 
     def ping(self, count: int, timeout: float, budget: float) -> list[float | None]:
         """Up to `count` round trips, one at a time, for at most about `budget` seconds."""
         self.pipe.send(("ping", count, timeout, budget))
-        return list(self._recv(budget + timeout + 30)[1])
-
-    def close(self) -> None:
-        try:
-            self.pipe.send(("quit",))
-        except OSError:
-            pass
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        self.pipe.close()
+        return list(self.recv(budget + timeout + 30)[1])
 
 
 # -- no server: the driver piped straight into a reader -------------------------------------------------

@@ -147,6 +147,18 @@ def member(e: Element, name: str) -> str:
     raise KeyError(name)
 
 
+def fits_header(blob_el: Element) -> str:
+    """The FITS header of a setBLOBVector's first BLOB (what a camera driver says it saw)."""
+    import base64
+    import zlib
+
+    one = blob_el.root[0]
+    data = base64.b64decode("".join((one.text or "").split()))
+    if one.get("format", "").endswith(".z"):
+        data = zlib.decompress(data)
+    return data[:2880 * 4].decode("ascii", errors="replace")
+
+
 def new_vector(kind: str, device: str, name: str, members: dict[str, str]) -> str:
     ones = "".join(f'<one{kind} name="{k}">{v}</one{kind}>' for k, v in members.items())
     return f'<new{kind}Vector device="{device}" name="{name}">{ones}</new{kind}Vector>'

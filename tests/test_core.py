@@ -6,20 +6,19 @@ indi_getprop / indi_setprop, and the real indiserver where we compare.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import zlib
 
 import pytest
 from support import (
     IndiServer,
     RawClient,
     clients,
+    fits_header,
     getprop,
     is_,
     member,
@@ -84,14 +83,6 @@ def connect_ccd(control: RawClient) -> None:
     control.wait_for(is_("defSwitchVector", CCD, "CONNECTION"), 30, what="CCD CONNECTION")
     control.send(new_vector("Switch", CCD, "CONNECTION", {"CONNECT": "On"}))
     control.wait_for(is_("defNumberVector", CCD, "CCD_EXPOSURE"), 30, what="CCD_EXPOSURE defined")
-
-
-def fits_header(blob_el) -> str:
-    one = blob_el.root[0]
-    data = base64.b64decode("".join((one.text or "").split()))
-    if one.get("format", "").endswith(".z"):
-        data = zlib.decompress(data)
-    return data[:2880 * 4].decode("ascii", errors="replace")
 
 
 def test_blobs_reach_only_clients_that_asked(broker_factory, home):
