@@ -25,7 +25,7 @@ from indibroker.broker.config import MB, Config, DriverConfig, driver_name
 from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
 from indibroker.broker.oscalls import describe_exit, fork_child, reap, signal_group, spawn
-from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, ENV_RUNTIME, RuntimeDir
+from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, ENV_RUNTIME, RuntimeDir, status_age
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
 
 __all__ = ["Arbiter", "Child"]
@@ -79,21 +79,22 @@ class Arbiter:
     # -- the process tree -------------------------------------------------------------------
     def _build_children(self) -> None:
         cfg = self.config
-        self.children.append(Child("broker", "broker", {"name": "broker"}))
+        self.children.append(Child("broker", "broker", {"name": "broker", "liveness": cfg.worker_liveness}))
         drivers = list(cfg.drivers)
         if not drivers and not cfg.remotes and cfg.demo and not cfg.fifo:
             drivers.append(DriverConfig(argv=[sys.executable, "-P", "-m", "indibroker.workers.demo"],
                                         name="demo"))
         for i in range(max(1, cfg.gateways)):
             self.children.append(Child(f"gateway-{i}", "gateway", {
-                "name": f"gateway-{i}", "host": cfg.host, "port": cfg.port,
+                "name": f"gateway-{i}", "host": cfg.host, "port": cfg.port, "liveness": cfg.worker_liveness,
                 "maxconnections": cfg.maxconnections,
                 "blob_drop_bytes": int(cfg.blob_drop_mb * MB),
                 "max_queue_bytes": int(cfg.client_max_mb * MB),
                 "max_element": int(cfg.client_max_element_mb * MB),
             }))
         for remote in cfg.remotes:
-            self.children.append(Child(remote.name, "remote", remote.to_spec()))
+            self.children.append(Child(remote.name, "remote",
+                                       {**remote.to_spec(), "liveness": cfg.worker_liveness}))
         groups = max(1, min(cfg.exdriver_workers, len(drivers)))
         for i in range(groups if drivers else 0):
             self._new_exdriver_worker(i)
@@ -107,6 +108,7 @@ class Arbiter:
     def _new_exdriver_worker(self, index: int) -> Child:
         child = Child(f"exdriver-{index}", "exdriver", {
             "name": f"exdriver-{index}", "drivers": [], "log_dir": self.config.log_dir,
+            "liveness": self.config.worker_liveness,
         })
         self.children.append(child)
         return child
@@ -134,6 +136,7 @@ class Arbiter:
             self._exited(child, f"cannot start: {exc}")
             return
         os.close(read_end)
+        child.spec.pop("orphaned", None)  # told once, to the worker just started
         child.lifeline = write_end
         child.started_wall = time.time()
         child.lifecycle.spawned(time.monotonic())
@@ -167,13 +170,32 @@ class Arbiter:
             log.error("%s exited (%s); %s", child.name, how, decision.reason)
 
     def _sweep_drivers(self, child: Child) -> None:
-        """A dead exdriver worker's drivers must not outlive it: kill their sessions."""
+        """A dead exdriver worker's drivers must not outlive it: kill their sessions. Its
+        successor is told their devices, to tell clients they are gone until restarted."""
         status = self.runtime.read_status().get(child.name, {})
+        orphaned: list[str] = []
         for driver in status.get("drivers", []):
+            orphaned += [d for d in driver.get("devices", []) if isinstance(d, str)]
             pid = driver.get("pid")
             if isinstance(pid, int) and pid > 1:
                 if signal_group(pid, signal.SIGKILL):
                     log.info("killed driver %s (pid %d) left by %s", driver.get("name"), pid, child.name)
+        child.spec["orphaned"] = sorted(set(orphaned))
+
+    def _check_liveness(self) -> None:
+        """A worker alive but silent (hung in a loop, stopped) is killed; its exit restarts it."""
+        limit = self.config.worker_liveness
+        now = time.monotonic()
+        for child in self.children:
+            started = child.lifecycle.started_at
+            if child.proc is None or started is None or now - started < limit:
+                continue
+            age = status_age(self.runtime, child.name)
+            if age is not None and age > limit:
+                log.error("%s (pid %d) has shown no sign of life for %.0f s: killing it",
+                          child.name, child.proc.pid, age)
+                signal_group(child.proc.pid, signal.SIGKILL)
+        self._after(limit / 3, self._check_liveness)
 
     def _restart_due(self) -> float | None:
         """Start children whose backoff has passed; return seconds to the next one."""
@@ -339,6 +361,7 @@ class Arbiter:
             self.fifo.register(self._sel)
         for child in self.children:  # the broker is first in the list
             self._start(child)
+        self._after(self.config.worker_liveness / 3, self._check_liveness)
         log.info("indibroker serving on %s:%d (%d gateway(s), %d driver(s)); runtime %s",
                  self.config.host, self.config.port,
                  sum(c.role == "gateway" for c in self.children),

@@ -99,6 +99,7 @@ class Config:
     driver_queue_mb: float = 8.0
     driver_max_element_mb: float = 256.0
     hang_timeout: float = 60.0
+    worker_liveness: float = 30.0  # a worker silent this long (hung) is killed and restarted
     restart: dict[str, Any] = field(default_factory=dict)  # RestartPolicy defaults for drivers
     fifo: str | None = None
     log_dir: str | None = None

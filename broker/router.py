@@ -16,7 +16,7 @@ import zmq
 
 from indibroker.broker import wire
 from indibroker.broker.routing import RoutingTable
-from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write
+from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
 from indibroker.broker.transport import recv_frames, send_frames
 
 __all__ = ["Broker", "main"]
@@ -215,6 +215,8 @@ def main() -> int:
             if status != written:
                 written = status
                 statusfile_write(runtime, "broker", status)
+            else:
+                touch_status(runtime, "broker")  # a sign of life for the arbiter
     broker.close()
     ctx.term()
     return 0

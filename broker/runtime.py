@@ -23,7 +23,7 @@ from typing import Any
 from indibroker.broker.errors import RuntimeDirBusy
 
 __all__ = ["RuntimeDir", "configure_logging", "lifeline_fd", "statusfile_write", "ENV_RUNTIME",
-           "ENV_LIFELINE", "default_base"]
+           "ENV_LIFELINE", "default_base", "touch_status", "status_age"]
 
 ENV_RUNTIME = "INDIBROKER_RUNTIME"
 ENV_LIFELINE = "INDIBROKER_LIFELINE"
@@ -157,6 +157,22 @@ def statusfile_write(runtime: RuntimeDir, name: str, data: dict[str, Any]) -> No
         os.replace(tmp, target)
     except OSError as exc:
         log.debug("status file %s not written: %s", target, exc)
+
+
+def touch_status(runtime: RuntimeDir, name: str) -> None:
+    """A sign of life: the arbiter reads the status file's age."""
+    try:
+        os.utime(runtime.status_dir / f"{name}.json")
+    except OSError:
+        pass
+
+
+def status_age(runtime: RuntimeDir, name: str) -> float | None:
+    """Seconds since the process last wrote or touched its status file (None: no file yet)."""
+    try:
+        return time.time() - (runtime.status_dir / f"{name}.json").stat().st_mtime
+    except OSError:
+        return None
 
 
 def lifeline_fd() -> int | None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support import Broker, RawClient, is_, member, new_vector, wait_until
+from support import Broker, RawClient, clients, is_, member, new_vector, wait_until
 
 pytestmark = pytest.mark.usefixtures("indi_bin")
 
@@ -704,3 +704,39 @@ def test_chaos_bench_20s(tmp_path):
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ok"] is True
+
+
+def test_hung_worker_is_killed_and_restarted(broker_factory, tmp_path):
+    """A gateway that stops (SIGSTOP: alive, but silent) is replaced; new clients are served."""
+    config = tmp_path / "liveness.toml"
+    config.write_text("worker_liveness = 3.0\n")
+    b = broker_factory("--config", str(config))
+    old = next(r["pid"] for r in b.status() if r["role"] == "gateway")
+    os.kill(old, signal.SIGSTOP)
+    try:
+        new = wait_until(lambda: next((r["pid"] for r in b.status() if r["role"] == "gateway"
+                                       and r["pid"] not in (None, old)), None), 20, what="a new gateway")
+    finally:
+        try:
+            os.kill(old, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert new != old
+    assert "shown no sign of life" in b.log()
+    with clients(b.port, 1) as (c,):
+        c.send('<getProperties version="1.7"/>')
+        c.wait_for(is_("defSwitchVector", "LED"), 20)
+
+
+def test_killed_exdriver_worker_tells_clients(broker_factory):
+    b = broker_factory()
+    with clients(b.port, 1) as (c,):
+        c.send('<getProperties version="1.7"/>')
+        c.wait_for(is_("defSwitchVector", "LED"), 20)
+        worker = next(r["pid"] for r in b.status() if r["role"] == "exdriver")
+        mark = len(c.elements)
+        os.kill(worker, signal.SIGKILL)
+        c.wait_for(is_("delProperty", "LED"), 15, start=mark, what="LED's delProperty")
+        c.wait_for(lambda e: e.tag == "message" and e.get("device") == "LED" and "died" in e.get("message"),
+                   15, start=mark, what="a message saying why")
+        c.wait_for(is_("defSwitchVector", "LED"), 20, start=mark, what="LED defined again")

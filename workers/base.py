@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write
+from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
 from indibroker.workers.backbone import Backbone
 from indibroker.workers.reactor import Reactor
 
@@ -26,6 +26,7 @@ __all__ = ["Worker"]
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL = 5.0
+DEFAULT_LIVENESS = 30.0  # seconds without a sign of life before the arbiter calls a worker hung
 
 
 class Worker:
@@ -45,6 +46,7 @@ class Worker:
         self._status_written: dict[str, Any] | None = None
         self._status_timer_due = False
         self.started = time.time()
+        self.liveness = float(spec.get("liveness", DEFAULT_LIVENESS))
         self.backbone = Backbone(
             self.reactor, self.ctx, self.runtime.broker_endpoint, self.backbone_role, self.name,
             self.on_backbone, self.owned_devices, self.interests, self.registered_again,
@@ -91,6 +93,11 @@ class Worker:
             self._status_written = data
             statusfile_write(self.runtime, self.name, data)
 
+    def _sign_of_life(self) -> None:
+        """Touch our status file: the arbiter kills a worker whose file goes stale (hung)."""
+        touch_status(self.runtime, self.name)
+        self.reactor.call_later(self.liveness / 3, self._sign_of_life)
+
     def _on_lifeline(self) -> None:
         assert self._lifeline is not None
         try:
@@ -124,6 +131,7 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the arbiter stops us in order on Ctrl-C
         self.setup()
         self._write_status()
+        self.reactor.call_later(self.liveness / 3, self._sign_of_life)
         try:
             self.reactor.run()
         finally:

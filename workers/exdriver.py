@@ -152,6 +152,11 @@ class ExDriverWorker(Worker):
     # -- worker hooks -----------------------------------------------------------------------
     def setup(self) -> None:
         self.reactor.on_signal(signal.SIGCHLD, self._on_sigchld)
+        for device in self.spec.get("orphaned", []):
+            # Our predecessor died with its drivers: clients learn they are gone until restarted.
+            self.backbone.send(wire.DEL, device, "", b"", indi.del_property(device))
+            self.backbone.send(wire.MSG, device, "", b"", indi.message(
+                f"indibroker: the supervisor of {device}'s driver died; restarting the driver", device))
         for driver in self.drivers.values():
             if not driver.spec.stopped:
                 self._start(driver)
