@@ -16,6 +16,7 @@ import os
 import random
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ class Gateway(Worker):
         client = Client(next(self._ids), sock, peer)
         client.slot = slot
         self.clients[client.fd] = client
-        self.reactor.add_reader(client.fd, lambda c=client: self._readable(c))
+        self.reactor.add_reader(client.fd, partial(self._readable, client))
         log.info("client %s connected (%d now)", peer, len(self.clients))
         self.status_changed()
 
@@ -353,5 +354,5 @@ class Gateway(Worker):
             client.write_dead = True
             client.out.clear()
             done = True
-        self.reactor.set_writer(client.fd, None if done else (lambda c=client: self._flush(c)))
+        self.reactor.set_writer(client.fd, None if done else (partial(self._flush, client)))
 
