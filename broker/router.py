@@ -17,7 +17,7 @@ import zmq
 from indibroker.broker import wire
 from indibroker.broker.routing import RoutingTable
 from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
-from indibroker.broker.transport import recv_frames, send_frames
+from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
 
 __all__ = ["Broker", "main"]
 
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 HWM = 100_000  # messages; bytes are bounded by the workers' own accounting
 STATUS_INTERVAL = 5.0
+
+
+def _as_bytes(payload: zmq.Frame | memoryview) -> bytes:
+    return payload.bytes if isinstance(payload, zmq.Frame) else bytes(payload)
 
 
 class Broker:
@@ -41,23 +45,34 @@ class Broker:
         self.dropped = 0
         self.echoes = 0  # a device arriving over a second path (a cycle of servers), dropped
         self._dropped_logged = 0.0
-        self._out: dict[bytes, list] = {}  # per peer: frames to send at the next flush()
+        self._out: dict[bytes, list[tuple[list[bytes], list, bool]]] = {}  # per peer, for flush()
         self._headers: dict[bytes, tuple[bytes, str, str, bytes]] = {}  # a flood repeats few headers
 
     def close(self) -> None:
         self.sock.close(linger=0)
 
     def handle(self, msg: list[zmq.Frame]) -> None:
-        """One ZeroMQ message from a worker: its identity, then (header, payload) pairs."""
-        if len(msg) < 3 or len(msg) % 2 == 0:
+        """One ZeroMQ message from a worker: its identity, a batch's index and its body."""
+        if len(msg) != 3:
             log.warning("dropped a message of %d frame(s)", len(msg))
             return
         ident = msg[0].bytes
-        for i in range(1, len(msg), 2):
-            self._handle_one(ident, msg[i], msg[i + 1])
+        body = msg[2]
+        try:
+            records = wire.unpack(msg[1].bytes)
+        except ValueError:
+            log.warning("dropped a batch with a bad index from %r", ident)
+            return
+        if len(records) == 1 and records[0][1] == len(body):
+            self._handle_one(ident, records[0][0], body)  # the whole body, as it came (zero-copy)
+            return
+        view = body.buffer
+        offset = 0
+        for head, length in records:
+            self._handle_one(ident, head, view[offset:offset + length])
+            offset += length
 
-    def _handle_one(self, ident: bytes, head: zmq.Frame, payload: zmq.Frame) -> None:
-        raw = head.bytes
+    def _handle_one(self, ident: bytes, raw: bytes, payload: zmq.Frame | memoryview) -> None:
         parsed = self._headers.get(raw)
         if parsed is None:
             try:
@@ -69,9 +84,10 @@ class Broker:
                 self._headers.clear()
             self._headers[raw] = parsed
         verb, device, name, flags = parsed
+        head = raw
         table = self.table
         if verb == wire.HELLO:
-            self._hello(ident, payload.bytes)
+            self._hello(ident, _as_bytes(payload))
             return
         if ident not in table.peers:
             self._queue(ident, wire.header(wire.WHO), b"")
@@ -112,7 +128,7 @@ class Broker:
                 self._queue(owner, head, payload)
         elif verb == wire.SUB:
             try:
-                entries = wire.decode_interests(payload.bytes)
+                entries = wire.decode_interests(_as_bytes(payload))
             except ValueError:
                 log.warning("bad SUB from %s", table.peers[ident].name)
                 return
@@ -130,28 +146,35 @@ class Broker:
         log.info("%s %s registered with %d device(s)", data["role"], data["name"], len(data["devices"]))
         self._queue(ident, wire.header(wire.HB), b"")
 
-    def _queue(self, ident: bytes, head: zmq.Frame | bytes, payload: zmq.Frame | bytes) -> None:
-        """Batch per peer: `flush()` sends each peer one message with all that is due to it."""
-        frames = self._out.get(ident)
-        if frames is None:
-            self._out[ident] = [ident, head, payload]
-        else:
-            frames += (head, payload)
+    def _queue(self, ident: bytes, head: bytes, payload: zmq.Frame | memoryview | bytes) -> None:
+        """Batch per peer: `flush()` sends each peer what is due to it in as few messages as it
+        can; a large payload goes in a batch of its own, so that it is never copied."""
+        batches = self._out.get(ident)
+        if batches is None:
+            batches = self._out[ident] = []
+        size = len(payload)
+        if size >= ZERO_COPY_BYTES or not batches or batches[-1][2]:
+            batches.append(([], [], size >= ZERO_COPY_BYTES))
+        records, bodies, _ = batches[-1]
+        records.append(wire.record(head, size))
+        bodies.append(payload)
 
     def flush(self) -> None:
         out, self._out = self._out, {}
-        for ident, frames in out.items():
-            try:
-                send_frames(self.sock, frames)
-                self.routed += (len(frames) - 1) // 2
-            except zmq.Again:
-                self._drop(ident, "queue full", (len(frames) - 1) // 2)
-            except zmq.ZMQError as exc:
-                if exc.errno == zmq.EHOSTUNREACH:
-                    self.table.remove_peer(ident)
-                    log.info("peer %r has gone; forgotten", ident)
-                else:
-                    self._drop(ident, str(exc), (len(frames) - 1) // 2)
+        for ident, batches in out.items():
+            for records, bodies, _large in batches:
+                body = bodies[0] if len(bodies) == 1 else b"".join(bodies)
+                try:
+                    send_frames(self.sock, [ident, b"\n".join(records), body])
+                    self.routed += len(records)
+                except zmq.Again:
+                    self._drop(ident, "queue full", len(records))
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EHOSTUNREACH:
+                        self.table.remove_peer(ident)
+                        log.info("peer %r has gone; forgotten", ident)
+                        break
+                    self._drop(ident, str(exc), len(records))
 
     def _drop(self, ident: bytes, why: str, count: int) -> None:
         self.dropped += count

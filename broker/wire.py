@@ -1,10 +1,15 @@
 """The backbone contract between workers (DEALER) and the broker (ROUTER).
 
-A ZeroMQ message carries one or more (header, payload) frame pairs: a batch, so that one read and
-one write move many INDI messages between two processes. The header is NUL-separated bytes:
-``verb \\0 device \\0 name \\0 flags``; the payload is the INDI XML exactly as it came (empty for
-verbs that carry none), which the broker never looks into. Every process imports this one module;
-`WIRE_VERSION` travels in the hello so a mismatched worker is refused.
+A ZeroMQ message is a batch of INDI messages in two frames, so that one read and one write move
+many of them between two processes whatever their number:
+
+- the index: one record per message, newline-separated: ``verb \\0 device \\0 name \\0 flags
+  \\0 length`` (the first four fields are the message's header; names hold no NUL or newline);
+- the body: the payloads, the INDI XML exactly as it came, one after the other (lengths in the
+  index). A payload of 64 KB or more travels in a batch of its own, so that it moves by reference.
+
+The broker reads the index only and never looks into a payload. Every process imports this one
+module; `WIRE_VERSION` travels in the hello so a mismatched worker is refused.
 
 Verbs (worker → broker unless said otherwise):
 
@@ -32,9 +37,10 @@ __all__ = [
     "WIRE_VERSION", "HELLO", "WHO", "SUB", "HB", "GETP", "NEW", "DEF", "SET", "DEL", "MSG", "SNOOP",
     "FLAG_BLOB", "WANT_PLAIN", "WANT_BLOB", "DRIVER_OUTPUT",
     "header", "parse_header", "hello_payload", "parse_hello", "encode_interests", "decode_interests",
+    "record", "unpack",
 ]
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 HELLO = b"HELLO"
 WHO = b"WHO"
@@ -60,13 +66,32 @@ _SEP = b"\x00"
 
 
 def header(verb: bytes, device: str = "", name: str = "", flags: bytes = b"") -> bytes:
+    """A message's header; raises ValueError for names that would break the index."""
+    if "\n" in device or "\x00" in device or "\n" in name or "\x00" in name or b"\n" in verb + flags:
+        raise ValueError(f"device or property name with a NUL or newline: {device!r} {name!r}")
     return _SEP.join((verb, device.encode(), name.encode(), flags))
 
 
 def parse_header(frame: bytes) -> tuple[bytes, str, str, bytes]:
-    """Split a header frame; raises ValueError on anything but four fields of valid UTF-8."""
+    """Split a header; raises ValueError on anything but four fields of valid UTF-8."""
     verb, device, name, flags = frame.split(_SEP)
     return verb, device.decode(), name.decode(), flags
+
+
+def record(head: bytes, length: int) -> bytes:
+    """An index record: a header and its payload's length."""
+    return b"%s\x00%d" % (head, length)
+
+
+def unpack(index: bytes) -> list[tuple[bytes, int]]:
+    """The (header, payload length) records of a batch's index; ValueError if malformed."""
+    out = []
+    for rec in index.split(b"\n"):
+        head, sep, length = rec.rpartition(_SEP)
+        if not sep:
+            raise ValueError("index record without a length")
+        out.append((head, int(length)))
+    return out
 
 
 def hello_payload(role: str, name: str, devices: Iterable[str]) -> bytes:

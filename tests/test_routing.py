@@ -142,14 +142,34 @@ def test_blob_and_plain_bits_are_separate():
 
 
 # -- wire ------------------------------------------------------------------------------------------
-names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\x1e\x1f"))
+names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\x1e\x1f\n"))
+verbs = st.binary(min_size=1).filter(lambda b: b"\x00" not in b and b"\n" not in b)
 
 
-@given(st.binary(min_size=1).filter(lambda b: b"\x00" not in b), names, names,
-       st.binary().filter(lambda b: b"\x00" not in b))
+@given(verbs, names, names, st.binary().filter(lambda b: b"\x00" not in b and b"\n" not in b))
 def test_header_round_trip(verb, device, name, flags):
     frame = wire.header(verb, device, name, flags)
     assert wire.parse_header(frame) == (verb, device, name, flags)
+
+
+@given(st.lists(st.tuples(verbs, names, names, st.binary(max_size=64)), min_size=1, max_size=20))
+def test_batch_index_round_trip(messages):
+    """A batch's index and body give back every message, split at the right places."""
+    heads = [wire.header(v, d, n) for v, d, n, _ in messages]
+    index = b"\n".join(wire.record(h, len(p)) for h, (_, _, _, p) in zip(heads, messages, strict=True))
+    body = b"".join(p for *_, p in messages)
+    offset, out = 0, []
+    for head, length in wire.unpack(index):
+        out.append((wire.parse_header(head)[:3], body[offset:offset + length]))
+        offset += length
+    assert out == [((v, d, n), p) for v, d, n, p in messages]
+    assert offset == len(body)
+
+
+@pytest.mark.parametrize("device, name", [("a\nb", "x"), ("a", "x\x00y")])
+def test_names_that_would_break_the_index_are_refused(device, name):
+    with pytest.raises(ValueError):
+        wire.header(wire.SET, device, name)
 
 
 @pytest.mark.parametrize("frame", [b"SET\x00d\x00n", b"SET\x00a\x00b\x00c\x00d", b"SET\x00\xff\x00n\x00"])

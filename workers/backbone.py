@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from indibroker.broker import wire
-from indibroker.broker.transport import recv_frames, send_frames
+from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
 from indibroker.workers.reactor import Reactor
 
 __all__ = ["Backbone", "HEARTBEAT_INTERVAL"]
@@ -51,7 +51,8 @@ class Backbone:
         self._interests = interests
         self._registered_again = registered_again
         self._last_sub: bytes | None = None
-        self._pending: list[bytes | zmq.Frame] = []
+        self._records: list[bytes] = []  # the batch being built: index records...
+        self._bodies: list[bytes] = []  # ...and their payloads
         self._headers_out: dict[tuple[bytes, str, str, bytes], bytes] = {}
         self._headers_in: dict[bytes, tuple[bytes, str, str, bytes]] = {}
         self.sock = ctx.socket(zmq.DEALER)
@@ -67,7 +68,7 @@ class Backbone:
         self.hello()
 
     def hello(self) -> None:
-        self._pending = []  # what was batched for a broker that no longer knows us is moot
+        self._records, self._bodies = [], []  # batched for a broker that no longer knows us: moot
         self.send(wire.HELLO, payload=wire.hello_payload(self.role, self.name, self._devices()))
         self._last_sub = None
         self.update_interests()
@@ -81,30 +82,42 @@ class Backbone:
             self.send(wire.SUB, payload=payload)
 
     def send(self, verb: bytes, device: str = "", name: str = "", flags: bytes = b"",
-             payload: bytes | zmq.Frame = b"") -> None:
+             payload: bytes = b"") -> None:
         """Queue one message; the batch goes out at the end of this turn of the loop."""
-        pending = self._pending
         key = (verb, device, name, flags)
         head = self._headers_out.get(key)
         if head is None:  # a flood repeats a handful of headers: build each once
             if len(self._headers_out) > HEADER_CACHE:
                 self._headers_out.clear()
-            head = self._headers_out[key] = wire.header(verb, device, name, flags)
-        pending += (head, payload)
-        if len(pending) >= 2 * BATCH:
+            try:
+                head = wire.header(verb, device, name, flags)
+            except ValueError as exc:
+                log.warning("message dropped: %s", exc)
+                return
+            self._headers_out[key] = head
+        if len(payload) >= ZERO_COPY_BYTES:  # a batch of its own: it moves by reference
             self.flush()
-        elif len(pending) == 2:
+            self._send([wire.record(head, len(payload))], payload)
+            return
+        self._records.append(wire.record(head, len(payload)))
+        self._bodies.append(payload)
+        if len(self._records) >= BATCH:
+            self.flush()
+        elif len(self._records) == 1:
             self.reactor.defer(self.flush)
 
     def flush(self) -> None:
-        if not self._pending:
-            return
-        frames, self._pending = self._pending, []
+        if self._records:
+            records, bodies = self._records, self._bodies
+            self._records, self._bodies = [], []
+            self._send(records, b"".join(bodies))
+
+    def _send(self, records: list[bytes], body: bytes) -> None:
         try:
-            send_frames(self.sock, frames)
+            send_frames(self.sock, [b"\n".join(records), body])
         except zmq.Again:
-            self.dropped += len(frames) // 2
-            log.warning("backbone queue full: %d message(s) dropped (%d so far)", len(frames) // 2,
+            self.dropped += len(records)
+            log.warning("backbone queue full: %d message(s) dropped (%d so far)", len(records),
                         self.dropped)
 
     def _readable(self) -> None:
@@ -114,11 +127,18 @@ class Backbone:
             except zmq.Again:
                 return
             self._last_heard = time.monotonic()
-            if len(msg) % 2:
-                log.warning("malformed batch from broker dropped")
+            try:
+                if len(msg) != 2:
+                    raise ValueError(f"{len(msg)} frames")
+                index, body = msg
+                records = wire.unpack(index)
+            except ValueError as exc:
+                log.warning("malformed batch from broker dropped: %s", exc)
                 continue
-            for i in range(0, len(msg), 2):
-                raw = msg[i]
+            offset = 0
+            for raw, length in records:
+                payload = body[offset:offset + length]
+                offset += length
                 parsed = self._headers_in.get(raw)
                 if parsed is None:
                     try:
@@ -136,7 +156,7 @@ class Backbone:
                     self._registered_again()
                     break
                 if verb != wire.HB:
-                    self._on_message(verb, device, name, flags, msg[i + 1])
+                    self._on_message(verb, device, name, flags, payload)
 
     def _heartbeat(self) -> None:
         if time.monotonic() - self._last_heard > HEARTBEAT_INTERVAL * LIVENESS:
