@@ -10,7 +10,6 @@ restarted).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import logging.handlers
 import os
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 driver_log = logging.getLogger("indibroker.driver")
 
 READ_SIZE = 32 * 1024  # per turn: a flooding driver cannot hold the loop longer than this takes
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 BLOB_READ_SIZE = 1024 * 1024  # per turn inside one big element: it is one message, read it briskly
 DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
 DEFAULT_HANG_TIMEOUT = 60.0
@@ -133,14 +131,6 @@ class Driver:
             "last_exit": lc.last_exit,
             "devices": sorted(self.devices),
         }
-
-
-def _widen_pipe(fd: int) -> None:
-    """A 1 MB pipe (Linux's default is 64 KB): a camera's BLOB crosses in 16 reads, not 170."""
-    try:
-        fcntl.fcntl(fd, F_SETPIPE_SZ, BLOB_READ_SIZE)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size for this user: the default will do
 
 
 class ExDriverWorker(Worker):
@@ -244,7 +234,6 @@ class ExDriverWorker(Worker):
         driver.lifecycle.spawned(time.monotonic())
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
         self._by_fd[proc.stdout.fileno()] = driver
-        _widen_pipe(proc.stdout.fileno())
         self.reactor.add_reader(proc.stdout.fileno(), partial(self._stdout, driver))
         self.reactor.add_reader(proc.stderr.fileno(), partial(self._stderr, driver))
         log.info("driver %s started (pid %d): %s", driver.name, proc.pid, " ".join(argv))
