@@ -113,10 +113,13 @@ class Broker:
                 if table.peers[target].role == "driver":
                     self._queue(target, head, payload)
         elif verb == wire.GETP:
-            owner = table.owner(device) if device else None
-            if owner is not None:
-                self._queue(owner, head, payload)
-            else:  # no device, or one nobody has defined yet: every driver may answer
+            if device:
+                # A device nobody has defined: dropped, as indiserver does (the asker's interest
+                # is registered, so it gets the definitions when the driver defines it).
+                owner = table.owner(device)
+                if owner is not None:
+                    self._queue(owner, head, payload)
+            else:
                 for target in table.drivers():
                     if target != ident:
                         self._queue(target, head, payload)

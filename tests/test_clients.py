@@ -190,3 +190,21 @@ def test_gateways_share_the_port_and_all_clients_are_served(broker_factory):
             c.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 10, start=mark)
             got = seqs(c)
             assert got == list(range(got[0], got[0] + len(got)))
+
+
+def test_questions_about_unknown_devices_cost_bounded_memory(broker_factory):
+    b = broker_factory()
+    gateway = next(p for p in b.tree() if p.name().startswith("ib-gateway"))
+    with clients(b.port, 2) as (spammer, later):
+        spammer.send(b'<getProperties version="1.7"/>')
+        spammer.wait_for(is_("defSwitchVector", "LED"), 20)
+        before = gateway.memory_info().rss
+        for chunk in range(20):
+            spammer.send(b"".join(b'<getProperties version="1.7" device="nobody-%d"/>' % (chunk * 5000 + i)
+                                  for i in range(5000)))
+            spammer.pump(0.05)
+        spammer.pump(1.0)
+        later.send(b'<getProperties version="1.7"/>')
+        later.wait_for(is_("defSwitchVector", "LED"), 20)  # still answered
+        assert not spammer.closed
+        assert gateway.memory_info().rss - before < 40 * MB

@@ -51,6 +51,7 @@ class Backbone:
         self._interests = interests
         self._registered_again = registered_again
         self._last_sub: bytes | None = None
+        self._interests_due = False
         self._records: list[bytes] = []  # the batch being built: index records...
         self._bodies: list[bytes] = []  # ...and their payloads
         self._headers_out: dict[tuple[bytes, str, str, bytes], bytes] = {}
@@ -71,11 +72,18 @@ class Backbone:
         self._records, self._bodies = [], []  # batched for a broker that no longer knows us: moot
         self.send(wire.HELLO, payload=wire.hello_payload(self.role, self.name, self._devices()))
         self._last_sub = None
-        self.update_interests()
+        self._send_interests()
         self.flush()
 
     def update_interests(self) -> None:
-        """Send our interests if they changed since the last SUB (call after any change)."""
+        """Our interests changed: send them at the end of this turn (a burst of changes, say a
+        client's thousand getProperties in one read, costs one computation, not a thousand)."""
+        if not self._interests_due:
+            self._interests_due = True
+            self.reactor.defer(self._send_interests)
+
+    def _send_interests(self) -> None:
+        self._interests_due = False
         payload = wire.encode_interests(sorted(set(self._interests())))
         if payload != self._last_sub:
             self._last_sub = payload

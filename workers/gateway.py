@@ -39,6 +39,7 @@ DEFAULT_CLIENT_MAX_ELEMENT = 16 * 1024 * 1024
 DEFAULT_BLOB_DROP_BYTES = 5 * 1024 * 1024  # indiserver -d
 DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
 GETP_COALESCE = 2.0  # seconds a getProperties waiting for its first answer stands for others
+ASKED_MAX = 1024  # pending questions remembered before stale ones are forgotten
 ADMIT_GRACE = 0.5  # seconds a connection over maxconnections waits for a slot before refusal
 
 
@@ -291,6 +292,10 @@ class Gateway(Worker):
         sent = self._asked.get(key)
         if sent is not None and now - sent < GETP_COALESCE:
             return
+        if len(self._asked) >= ASKED_MAX:
+            # Questions nobody answers (devices nobody has) pile up: forget them all; the worst
+            # that can come of it is one question asked twice.
+            self._asked.clear()
         self._asked[key] = now
         self.backbone.send(wire.GETP, device, name)
 

@@ -2,7 +2,8 @@
 
 The same rules serve a gateway's clients and an exdriver's snooping drivers:
 - `getProperties` without a device means every device; with a device (and optionally a property
-  name) it adds that device or property. Any message naming a device adds that device, as in
+  name) it adds that device or property (past `MAX_NAMED` of them: every device, so that what
+  one peer's interest costs stays bounded). Any message naming a device adds that device, as in
   indiserver.
 - `enableBLOB` Never/Also/Only is kept per device and, when a name is given, per property. The
   default is Never. Only means BLOBs and nothing else from that device (or property).
@@ -18,6 +19,7 @@ from indibroker.workers.indi import BlobMode
 __all__ = ["Interest", "union"]
 
 _NONE: dict = {}  # never written to: Interest replaces it with its own dict on first use
+MAX_NAMED = 1000  # devices (and properties per device) one peer may name before it means "all"
 
 
 class Interest:
@@ -39,12 +41,16 @@ class Interest:
         if device in self.devices:
             names = self.devices[device]
             if names is not None:
-                if name:
+                if name and len(names) < MAX_NAMED:
                     names.add(name)
                 else:
-                    self.devices[device] = None
-        else:
+                    self.devices[device] = None  # the whole device
+        elif len(self.devices) < MAX_NAMED:
             self.devices[device] = {name} if name else None
+        else:
+            # Someone naming thousands of devices gets them all: their interest stays bounded.
+            self.all_devices = True
+            self.devices = _NONE
 
     def set_blob(self, device: str, name: str, mode: BlobMode) -> None:
         if self.blob_property is _NONE:
