@@ -70,13 +70,15 @@ class ConnectionSlots:
 
 
 class Client:
-    __slots__ = ("cid", "sock", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
+    """One connection: its descriptor alone (a socket object would cost more than the rest of an
+    idle client), and what it is owed."""
+
+    __slots__ = ("cid", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
                  "write_dead", "slot", "dirty")
 
-    def __init__(self, cid: int, sock: socket.socket, peer: str):
+    def __init__(self, cid: int, fd: int, peer: str):
         self.cid = cid
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.fd = fd
         self.peer = peer
         self.decoder: StreamDecoder | None = None  # made when input arrives, dropped when idle
         self.out = OutQueue()
@@ -179,7 +181,7 @@ class Gateway(Worker):
             slot = taken
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = Client(next(self._ids), sock, peer)
+        client = Client(next(self._ids), sock.detach(), peer)
         client.slot = slot
         self.clients[client.fd] = client
         self.reactor.add_reader(client.fd, partial(self._readable, client))
@@ -207,7 +209,7 @@ class Gateway(Worker):
         self.clients.pop(client.fd, None)
         client.out.clear()
         try:
-            client.sock.close()
+            os.close(client.fd)
         except OSError:
             pass
         if client.slot >= 0:
@@ -220,7 +222,7 @@ class Gateway(Worker):
     def _readable(self, client: Client) -> None:
         for _ in range(READS_PER_TURN):
             try:
-                n = client.sock.recv_into(self._rbuf)
+                n = os.readv(client.fd, [self._rbuf])
                 data = self._rbuf_view[:n].tobytes()  # one shared buffer: no big allocation per read
             except (BlockingIOError, InterruptedError):
                 return
