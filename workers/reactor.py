@@ -1,6 +1,6 @@
 """A small event loop for workers: file descriptors, one ZeroMQ socket, timers and signals.
 
-One thread, epoll through `selectors`, no busy polling: an idle worker sleeps until its next timer.
+One thread, epoll, no busy polling: an idle worker sleeps until its next timer.
 The ZeroMQ socket is watched through its edge-triggered `FD`, so after every pass the loop checks
 `EVENTS` itself and never sleeps while a message is waiting.
 """
@@ -11,7 +11,7 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -25,6 +25,14 @@ __all__ = ["Reactor", "Timer"]
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
+
+
+_READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+def _mask(handlers: tuple[Callback | None, Callback | None]) -> int:
+    return (select.EPOLLIN if handlers[0] else 0) | (select.EPOLLOUT if handlers[1] else 0)
 
 
 class Timer:
@@ -41,8 +49,10 @@ class Timer:
 
 class Reactor:
     def __init__(self) -> None:
-        self._sel = selectors.DefaultSelector()
-        self._handlers: dict[int, list[Callback | None]] = {}  # fd -> [on_read, on_write]
+        self._ep = select.epoll()
+        # fd -> (on_read, on_write): epoll directly, no selector keys (an idle client's
+        # registration should cost a dict entry, not three objects)
+        self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._zsock: zmq.Socket | None = None
@@ -65,31 +75,30 @@ class Reactor:
         self._set(fd, 1, callback)
 
     def forget(self, fd: int) -> None:
-        if fd in self._handlers:
-            del self._handlers[fd]
-            self._sel.unregister(fd)
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._ep.unregister(fd)
+            except OSError:
+                pass
 
     def _set(self, fd: int, slot: int, callback: Callback | None) -> None:
-        handlers = self._handlers.get(fd)
-        if handlers is None:
+        old = self._handlers.get(fd)
+        if old is None:
             if callback is None:
                 return
-            handlers = self._handlers[fd] = [None, None]
-            handlers[slot] = callback
-            self._sel.register(fd, self._mask(handlers))
+            new: tuple[Callback | None, Callback | None] = (callback, None) if slot == 0 else (None, callback)
+            self._handlers[fd] = new
+            self._ep.register(fd, _mask(new))
             return
-        if handlers[slot] is callback:
+        if old[slot] is callback:
             return
-        handlers[slot] = callback
-        if handlers[0] is None and handlers[1] is None:
-            del self._handlers[fd]
-            self._sel.unregister(fd)
-        else:
-            self._sel.modify(fd, self._mask(handlers))
-
-    @staticmethod
-    def _mask(handlers: list[Callback | None]) -> int:
-        return (selectors.EVENT_READ if handlers[0] else 0) | (selectors.EVENT_WRITE if handlers[1] else 0)
+        new = (callback, old[1]) if slot == 0 else (old[0], callback)
+        if new[0] is None and new[1] is None:
+            self.forget(fd)
+            return
+        self._handlers[fd] = new
+        if _mask(new) != _mask(old):
+            self._ep.modify(fd, _mask(new))
 
     # -- the one ZeroMQ socket --------------------------------------------------------------
     def add_zmq(self, sock: zmq.Socket, callback: Callback) -> None:
@@ -153,13 +162,20 @@ class Reactor:
                 timeout = 0
             elif self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            for key, mask in self._sel.select(timeout):
-                handlers = self._handlers.get(key.fd)
+            try:
+                events = self._ep.poll(-1 if timeout is None else timeout)
+            except InterruptedError:
+                events = []
+            for fd, mask in events:
+                handlers = self._handlers.get(fd)
                 if handlers is None:
                     continue
-                if mask & selectors.EVENT_READ and handlers[0] is not None:
+                if mask & _READ and handlers[0] is not None:
                     handlers[0]()
-                if mask & selectors.EVENT_WRITE and handlers[1] is not None and key.fd in self._handlers:
+                    handlers = self._handlers.get(fd)
+                    if handlers is None:
+                        continue
+                if mask & _WRITE and handlers[1] is not None:
                     handlers[1]()
             if self._zcallback is not None and self._zmq_ready():
                 self._zcallback()
@@ -177,6 +193,6 @@ class Reactor:
             self._run_deferred()
 
     def close(self) -> None:
-        self._sel.close()
+        self._ep.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
