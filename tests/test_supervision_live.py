@@ -734,6 +734,9 @@ def test_killed_exdriver_worker_tells_clients(broker_factory):
         c.send('<getProperties version="1.7"/>')
         c.wait_for(is_("defSwitchVector", "LED"), 20)
         worker = next(r["pid"] for r in b.status() if r["role"] == "exdriver")
+        # What the arbiter tells the next worker is what the dead one had published.
+        wait_until(lambda: any("LED" in r.get("devices", []) for r in b.status() if r["role"] == "driver"),
+                   10, what="the demo's devices in status")
         mark = len(c.elements)
         os.kill(worker, signal.SIGKILL)
         c.wait_for(is_("delProperty", "LED"), 15, start=mark, what="LED's delProperty")
