@@ -14,7 +14,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "process_alive", "fork_child", "ForkedProcess"]
+__all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "fork_child", "ForkedProcess"]
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +154,6 @@ def reap(proc: subprocess.Popen) -> int | None:
         return proc.poll()
     except ChildProcessError:
         return -1
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe_exit(code: int) -> str:

@@ -145,7 +145,6 @@ class ExDriverWorker(Worker):
         for data in spec.get("drivers", []):
             driver_spec = DriverSpec.from_dict(data)
             self.drivers[driver_spec.name] = Driver(driver_spec, self.log_dir)
-        self._by_fd: dict[int, Driver] = {}
         self._pdeathsig = pdeathsig_prefix()
         self._watchdog_armed = False
         super().__init__(spec)
@@ -233,7 +232,6 @@ class ExDriverWorker(Worker):
         driver.started_wall = time.time()
         driver.lifecycle.spawned(time.monotonic())
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
-        self._by_fd[proc.stdout.fileno()] = driver
         self.reactor.add_reader(proc.stdout.fileno(), partial(self._stdout, driver))
         self.reactor.add_reader(proc.stderr.fileno(), partial(self._stderr, driver))
         log.info("driver %s started (pid %d): %s", driver.name, proc.pid, " ".join(argv))
@@ -283,7 +281,6 @@ class ExDriverWorker(Worker):
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 self.reactor.forget(stream.fileno())
-                self._by_fd.pop(stream.fileno(), None)
                 stream.close()
         # The session may hold grandchildren the driver started: they go with it.
         signal_group(proc.pid, signal.SIGKILL)

@@ -10,7 +10,6 @@ anyone else wait. Bad input drops the offending client alone.
 from __future__ import annotations
 
 import fcntl
-import itertools
 import logging
 import os
 import random
@@ -73,11 +72,10 @@ class Client:
     """One connection: its descriptor alone (a socket object would cost more than the rest of an
     idle client), and what it is owed."""
 
-    __slots__ = ("cid", "fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
+    __slots__ = ("fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
                  "write_dead", "slot", "dirty")
 
-    def __init__(self, cid: int, fd: int, peer: str):
-        self.cid = cid
+    def __init__(self, fd: int, peer: str):
         self.fd = fd
         self.peer = peer
         self.decoder: StreamDecoder | None = None  # made when input arrives, dropped when idle
@@ -117,7 +115,6 @@ class Gateway(Worker):
 
     def __init__(self, spec: dict[str, Any]):
         self.clients: dict[int, Client] = {}
-        self._ids = itertools.count(1)
         self.max_element = int(spec.get("max_element", DEFAULT_CLIENT_MAX_ELEMENT))
         self.blob_drop_bytes = int(spec.get("blob_drop_bytes", DEFAULT_BLOB_DROP_BYTES))
         self.max_queue_bytes = int(spec.get("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES))
@@ -181,7 +178,7 @@ class Gateway(Worker):
             slot = taken
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = Client(next(self._ids), sock.detach(), peer)
+        client = Client(sock.detach(), peer)
         client.slot = slot
         self.clients[client.fd] = client
         self.reactor.add_reader(client.fd, partial(self._readable, client))

@@ -68,9 +68,6 @@ class Reactor:
     def add_reader(self, fd: int, callback: Callback) -> None:
         self._set(fd, 0, callback)
 
-    def remove_reader(self, fd: int) -> None:
-        self._set(fd, 0, None)
-
     def set_writer(self, fd: int, callback: Callback | None) -> None:
         self._set(fd, 1, callback)
 
@@ -141,12 +138,6 @@ class Reactor:
         try:
             while os.read(self._wake_r, 4096):
                 pass
-        except BlockingIOError:
-            pass
-
-    def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass
 
