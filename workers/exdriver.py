@@ -426,7 +426,7 @@ class ExDriverWorker(Worker):
             elif verb == wire.DEL and device and not name:
                 driver.devices.discard(device)
                 self.status_changed()
-            flags = wire.FLAG_BLOB if tag == "setBLOBVector" else b""
+            flags = indi.blob_flag(tag)
             self.backbone.send(verb, device, name, flags, el.raw)
         elif tag == "pingRequest":
             self._to_driver(driver, indi.ping_reply(el.get("uid")))

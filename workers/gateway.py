@@ -273,7 +273,7 @@ class Gateway(Worker):
         elif tag in indi.DRIVER_VERBS:
             # A chained server relays its devices' traffic as a client: for snooping drivers.
             if device:
-                flags = wire.FLAG_BLOB if tag == "setBLOBVector" else b""
+                flags = indi.blob_flag(tag)
                 self.backbone.send(wire.SNOOP, device, name, flags, el.raw)
         elif tag != "pingReply":
             log.debug("client %s: %s ignored", client.peer, tag)

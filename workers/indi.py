@@ -14,7 +14,7 @@ from indibroker.broker import wire
 
 __all__ = [
     "BlobMode", "PROTOCOL_VERSION", "CLIENT_NEW", "DRIVER_VERBS", "get_properties", "ping_reply",
-    "message", "del_property", "timestamp", "enable_blob",
+    "message", "del_property", "timestamp", "enable_blob", "blob_flag",
 ]
 
 PROTOCOL_VERSION = "1.7"
@@ -29,6 +29,11 @@ DRIVER_VERBS: dict[str, bytes] = {
     "setLightVector": wire.SET, "setBLOBVector": wire.SET,
     "delProperty": wire.DEL, "message": wire.MSG,
 }
+
+
+def blob_flag(tag: str) -> bytes:
+    """The header flag of a driver message: only setBLOBVector counts as a BLOB (as indiserver)."""
+    return wire.FLAG_BLOB if tag == "setBLOBVector" else b""
 
 
 class BlobMode(Enum):

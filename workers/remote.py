@@ -201,7 +201,7 @@ class RemoteBridge(Worker):
         elif verb == wire.DEL and not name:
             self.devices.discard(device)
             self.status_changed()
-        flags = wire.FLAG_BLOB if tag == "setBLOBVector" else b""
+        flags = indi.blob_flag(tag)
         self.backbone.send(verb, device, name, flags, el.raw)
 
     def _seen_recently(self, raw: bytes) -> bool:
