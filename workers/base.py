@@ -126,7 +126,7 @@ class Worker:
     def run(self) -> int:
         if self._lifeline is not None:
             os.set_blocking(self._lifeline, False)
-            self.reactor.add_reader(self._lifeline, self._on_lifeline)
+            self.reactor.add_reader(self._lifeline, lambda _fd: self._on_lifeline())
         self.reactor.on_signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the arbiter stops us in order on Ctrl-C
         self.setup()

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +231,8 @@ class ExDriverWorker(Worker):
         driver.started_wall = time.time()
         driver.lifecycle.spawned(time.monotonic())
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
-        self.reactor.add_reader(proc.stdout.fileno(), partial(self._stdout, driver))
-        self.reactor.add_reader(proc.stderr.fileno(), partial(self._stderr, driver))
+        self.reactor.add_reader(proc.stdout.fileno(), lambda _fd: self._stdout(driver))
+        self.reactor.add_reader(proc.stderr.fileno(), lambda _fd: self._stderr(driver))
         log.info("driver %s started (pid %d): %s", driver.name, proc.pid, " ".join(argv))
         # Every (re)start: ask for definitions, so devices are known and clients get them again.
         self._to_driver(driver, indi.get_properties())
@@ -501,5 +500,5 @@ class ExDriverWorker(Worker):
             driver.stdin.clear()
         if not done:
             self._arm_watchdog()
-        self.reactor.set_writer(fd, None if done else (partial(self._flush_stdin, driver)))
+        self.reactor.set_writer(fd, None if done else (lambda _fd: self._flush_stdin(driver)))
 

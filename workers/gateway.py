@@ -15,7 +15,6 @@ import os
 import random
 import socket
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ class Client:
         self.fd = fd
         self.peer = peer
         self.decoder: StreamDecoder | None = None  # made when input arrives, dropped when idle
-        self.out = OutQueue()
+        self.out: OutQueue | None = None  # made when output is queued, dropped when written
         self.interest = Interest()
         self.blobs_dropped = 0
         self.closed = False
@@ -124,6 +123,9 @@ class Gateway(Worker):
         self._asked: dict[tuple[str, str], float] = {}  # getProperties sent, no definition back yet
         self._rbuf = bytearray(READ_SIZE)
         self._rbuf_view = memoryview(self._rbuf)
+        # One bound method each, shared by every client's registration (the reactor passes the fd).
+        self._on_client_read = self._client_readable
+        self._on_client_write = self._client_writable
         super().__init__(spec)
         self.slots = (ConnectionSlots(self.runtime.path / "slots", self.maxconnections)
                       if self.maxconnections else None)
@@ -131,7 +133,7 @@ class Gateway(Worker):
     # -- lifecycle --------------------------------------------------------------------------
     def setup(self) -> None:
         self.listener = listen(self.spec.get("host", "localhost"), int(self.spec["port"]))
-        self.reactor.add_reader(self.listener.fileno(), self._accept)
+        self.reactor.add_reader(self.listener.fileno(), lambda _fd: self._accept())
         log.info("%s listening on %s", self.name, self.listener.getsockname()[:2])
 
     def shutdown(self) -> None:
@@ -181,7 +183,7 @@ class Gateway(Worker):
         client = Client(sock.detach(), peer)
         client.slot = slot
         self.clients[client.fd] = client
-        self.reactor.add_reader(client.fd, partial(self._readable, client))
+        self.reactor.add_reader(client.fd, self._on_client_read)
         log.info("client %s connected (%d now)", peer, len(self.clients))
         self.status_changed()
 
@@ -204,7 +206,7 @@ class Gateway(Worker):
         log.log(level, "client %s dropped: %s", client.peer, why)
         self.reactor.forget(client.fd)
         self.clients.pop(client.fd, None)
-        client.out.clear()
+        client.out = None
         try:
             os.close(client.fd)
         except OSError:
@@ -216,6 +218,11 @@ class Gateway(Worker):
         self.status_changed()
 
     # -- client → server --------------------------------------------------------------------
+    def _client_readable(self, fd: int) -> None:
+        client = self.clients.get(fd)
+        if client is not None:
+            self._readable(client)
+
     def _readable(self, client: Client) -> None:
         for _ in range(READS_PER_TURN):
             try:
@@ -321,19 +328,22 @@ class Gateway(Worker):
     def _deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> None:
         if client.write_dead:
             return
-        queued = client.out.bytes
+        out = client.out
+        if out is None:
+            out = client.out = OutQueue()
+        queued = out.bytes
         if queued > self.max_queue_bytes:
             self._drop(client, f"too slow: {queued} bytes queued, over {self.max_queue_bytes}",
                        level=logging.WARNING)
             return
-        if blob and client.out.backlog() > self.blob_drop_bytes:
+        if blob and out.backlog() > self.blob_drop_bytes:
             client.blobs_dropped += 1
             if client.blobs_dropped in (1, 10, 100) or client.blobs_dropped % 1000 == 0:
                 log.warning("client %s is %d bytes behind: %d streaming BLOB(s) dropped",
                             client.peer, queued, client.blobs_dropped)
             return
-        was_empty = not client.out
-        client.out.push(data)
+        was_empty = not out
+        out.push(data)
         if was_empty and not client.dirty:
             # One writev per client per turn of the loop, however many messages it got.
             client.dirty = True
@@ -348,15 +358,24 @@ class Gateway(Worker):
             if not client.closed:
                 self._flush(client)
 
-    def _flush(self, client: Client) -> None:
-        try:
-            done = client.out.flush(client.fd)
-        except OSError as exc:
-            # A client that sent its commands and closed (indi_setprop does) must still have
-            # those commands read and routed: stop writing, keep reading until EOF.
-            log.debug("client %s: write failed (%s); reading what is left", client.peer, exc)
-            client.write_dead = True
-            client.out.clear()
-            done = True
-        self.reactor.set_writer(client.fd, None if done else (partial(self._flush, client)))
+    def _client_writable(self, fd: int) -> None:
+        client = self.clients.get(fd)
+        if client is not None:
+            self._flush(client)
 
+    def _flush(self, client: Client) -> None:
+        out = client.out
+        if out is None:
+            done = True
+        else:
+            try:
+                done = out.flush(client.fd)
+            except OSError as exc:
+                # A client that sent its commands and closed (indi_setprop does) must still have
+                # those commands read and routed: stop writing, keep reading until EOF.
+                log.debug("client %s: write failed (%s); reading what is left", client.peer, exc)
+                client.write_dead = True
+                done = True
+        if done:
+            client.out = None  # an idle client holds no queue
+        self.reactor.set_writer(client.fd, None if done else self._on_client_write)

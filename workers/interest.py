@@ -11,6 +11,7 @@ The same rules serve a gateway's clients and an exdriver's snooping drivers:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 
 from indibroker.broker.wire import WANT_BLOB, WANT_PLAIN
@@ -28,7 +29,9 @@ class Interest:
     def __init__(self) -> None:
         self.all_devices = False
         # Shared empty mappings until first written: an idle client's interest costs ~nothing.
-        self.devices: dict[str, set[str] | None] = _NONE  # None: every property of the device
+        # Per device: None for every property, one name as a plain str (the usual case: a set
+        # would cost 200 bytes per client), a set for several.
+        self.devices: dict[str, set[str] | str | None] = _NONE
         self.blob_device: dict[str, BlobMode] = _NONE
         self.blob_property: dict[tuple[str, str], BlobMode] = _NONE
 
@@ -36,17 +39,25 @@ class Interest:
         if not device:
             self.all_devices = True
             return
+        # Interned: a thousand clients asking for the same device share its name.
+        device = sys.intern(device)
+        name = sys.intern(name)
         if self.devices is _NONE:
             self.devices = {}
         if device in self.devices:
             names = self.devices[device]
-            if names is not None:
-                if name and len(names) < MAX_NAMED:
-                    names.add(name)
-                else:
-                    self.devices[device] = None  # the whole device
+            if names is None or names == name:
+                pass
+            elif not name:
+                self.devices[device] = None  # the whole device
+            elif isinstance(names, str):
+                self.devices[device] = {names, name}
+            elif len(names) < MAX_NAMED:
+                names.add(name)
+            else:
+                self.devices[device] = None
         elif len(self.devices) < MAX_NAMED:
-            self.devices[device] = {name} if name else None
+            self.devices[device] = name or None
         else:
             # Someone naming thousands of devices gets them all: their interest stays bounded.
             self.all_devices = True
@@ -77,7 +88,9 @@ class Interest:
         names = self.devices.get(device, False)
         if names is False:
             return False
-        return names is None or not name or name in names  # type: ignore[operator]
+        if names is None or not name:
+            return True
+        return name == names if isinstance(names, str) else name in names  # type: ignore[operator]
 
     def wants(self, device: str, name: str, blob: bool) -> bool:
         """Should this peer receive a driver's message about (device, name)?"""
@@ -105,6 +118,8 @@ class Interest:
             bits = WANT_PLAIN | (WANT_BLOB if device in blob_devices else 0)
             if names is None:
                 yield device, "", bits
+            elif isinstance(names, str):
+                yield device, names, bits
             else:
                 for name in names:
                     yield device, name, bits

@@ -27,12 +27,10 @@ log = logging.getLogger(__name__)
 Callback = Callable[[], None]
 
 
+FdCallback = Callable[[int], None]  # called with the descriptor that is ready
+
 _READ = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 _WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-
-
-def _mask(handlers: tuple[Callback | None, Callback | None]) -> int:
-    return (select.EPOLLIN if handlers[0] else 0) | (select.EPOLLOUT if handlers[1] else 0)
 
 
 class Timer:
@@ -50,9 +48,10 @@ class Timer:
 class Reactor:
     def __init__(self) -> None:
         self._ep = select.epoll()
-        # fd -> (on_read, on_write): epoll directly, no selector keys (an idle client's
-        # registration should cost a dict entry, not three objects)
-        self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
+        # fd -> handler, epoll directly (no selector keys). Handlers get the fd, so a thousand
+        # clients can share one bound method: an idle client's registration costs a dict entry.
+        self._readers: dict[int, FdCallback] = {}
+        self._writers: dict[int, FdCallback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._zsock: zmq.Socket | None = None
@@ -65,44 +64,51 @@ class Reactor:
         self.add_reader(self._wake_r, self._drain_wakeup)
 
     # -- file descriptors -------------------------------------------------------------------
-    def add_reader(self, fd: int, callback: Callback) -> None:
-        self._set(fd, 0, callback)
+    def add_reader(self, fd: int, callback: FdCallback) -> None:
+        self._set(self._readers, fd, callback)
 
-    def set_writer(self, fd: int, callback: Callback | None) -> None:
-        self._set(fd, 1, callback)
+    def set_writer(self, fd: int, callback: FdCallback | None) -> None:
+        self._set(self._writers, fd, callback)
 
     def forget(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is not None:
+        if self._mask(fd):
+            self._readers.pop(fd, None)
+            self._writers.pop(fd, None)
             try:
                 self._ep.unregister(fd)
             except OSError:
                 pass
 
-    def _set(self, fd: int, slot: int, callback: Callback | None) -> None:
-        old = self._handlers.get(fd)
-        if old is None:
-            if callback is None:
-                return
-            new: tuple[Callback | None, Callback | None] = (callback, None) if slot == 0 else (None, callback)
-            self._handlers[fd] = new
-            self._ep.register(fd, _mask(new))
+    def _mask(self, fd: int) -> int:
+        return (select.EPOLLIN if fd in self._readers else 0) | (select.EPOLLOUT if fd in self._writers else 0)
+
+    def _set(self, table: dict[int, FdCallback], fd: int, callback: FdCallback | None) -> None:
+        if callback is None and fd not in table:
+            return  # the common no-op: a flushed client had no writer
+        old = self._mask(fd)
+        if callback is None:
+            table.pop(fd, None)
+        else:
+            table[fd] = callback
+        new = self._mask(fd)
+        if new == old:
             return
-        if old[slot] is callback:
-            return
-        new = (callback, old[1]) if slot == 0 else (old[0], callback)
-        if new[0] is None and new[1] is None:
-            self.forget(fd)
-            return
-        self._handlers[fd] = new
-        if _mask(new) != _mask(old):
-            self._ep.modify(fd, _mask(new))
+        if not old:
+            self._ep.register(fd, new)
+        elif not new:
+            try:
+                self._ep.unregister(fd)
+            except OSError:
+                pass
+        else:
+            self._ep.modify(fd, new)
 
     # -- the one ZeroMQ socket --------------------------------------------------------------
     def add_zmq(self, sock: zmq.Socket, callback: Callback) -> None:
         """`callback` must read what is waiting (a bounded batch is fine: it is called again)."""
         self._zsock = sock
         self._zcallback = callback
-        self.add_reader(int(sock.getsockopt(zmq.FD)), callback)
+        self.add_reader(int(sock.getsockopt(zmq.FD)), lambda _fd: callback())
 
     def _zmq_ready(self) -> bool:
         sock = self._zsock
@@ -134,7 +140,7 @@ class Reactor:
     def _record_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)
 
-    def _drain_wakeup(self) -> None:
+    def _drain_wakeup(self, _fd: int) -> None:
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -157,17 +163,16 @@ class Reactor:
                 events = self._ep.poll(-1 if timeout is None else timeout)
             except InterruptedError:
                 events = []
+            readers, writers = self._readers, self._writers
             for fd, mask in events:
-                handlers = self._handlers.get(fd)
-                if handlers is None:
-                    continue
-                if mask & _READ and handlers[0] is not None:
-                    handlers[0]()
-                    handlers = self._handlers.get(fd)
-                    if handlers is None:
-                        continue
-                if mask & _WRITE and handlers[1] is not None:
-                    handlers[1]()
+                if mask & _READ:
+                    callback = readers.get(fd)
+                    if callback is not None:
+                        callback(fd)
+                if mask & _WRITE:
+                    callback = writers.get(fd)
+                    if callback is not None:
+                        callback(fd)
             if self._zcallback is not None and self._zmq_ready():
                 self._zcallback()
             self._run_deferred()

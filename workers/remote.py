@@ -109,7 +109,7 @@ class RemoteBridge(Worker):
             self._lost(f"cannot connect to {self.where}: {errno.errorcode.get(code, code)}")
             return
         self.sock = sock
-        self.reactor.set_writer(sock.fileno(), self._connected)
+        self.reactor.set_writer(sock.fileno(), lambda _fd: self._connected())
 
     def _connected(self) -> None:
         assert self.sock is not None
@@ -119,7 +119,7 @@ class RemoteBridge(Worker):
             return
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reactor.set_writer(self.sock.fileno(), None)
-        self.reactor.add_reader(self.sock.fileno(), self._readable)
+        self.reactor.add_reader(self.sock.fileno(), lambda _fd: self._readable())
         self.connected = True
         self.connects += 1
         self.attempt = 0
@@ -256,5 +256,5 @@ class RemoteBridge(Worker):
         except OSError as exc:
             self._lost(str(exc))
             return
-        self.reactor.set_writer(self.sock.fileno(), None if done else self._flush)
+        self.reactor.set_writer(self.sock.fileno(), None if done else (lambda _fd: self._flush()))
 
