@@ -240,6 +240,10 @@ class Server:
         return killed
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # not SIGINT itself: a background job may have SIGINT ignored
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -254,6 +258,8 @@ def main() -> int:
         print(f"servers: {why}", file=sys.stderr)
         return 1
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{args.kind}-"))
+    # SIGTERM stops the server as Ctrl-C does (it runs in a session of its own: nothing else would).
+    signal.signal(signal.SIGTERM, _interrupt)
     server = Server(args.kind, args.port, args.devices, workdir, args.template)
     try:
         server.start()

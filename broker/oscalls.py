@@ -7,6 +7,7 @@ in `pass_fds`; never `preexec_fn`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -14,9 +15,33 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "fork_child", "ForkedProcess"]
+__all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "fork_child", "ForkedProcess",
+           "keep_big_buffers"]
 
 log = logging.getLogger(__name__)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+BIG_BUFFER_BYTES = 32 * 1024 * 1024
+KEEP_FREE_BYTES = 64 * 1024 * 1024
+
+
+def keep_big_buffers() -> bool:
+    """Let glibc reuse multi-MB buffers instead of mapping fresh pages for each.
+
+    A process that moves BLOBs allocates a few MB per read and per message. Above glibc's mmap
+    threshold every one is a fresh mapping, and the kernel faults in and zeroes each page: that
+    halved the throughput of a driver worker reading 8 MB BLOBs. Blocks up to 32 MB now come from
+    the heap, and up to 64 MB of freed heap is kept for the next ones (the cost: a process that
+    has moved big BLOBs keeps up to that much after the burst). No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, BIG_BUFFER_BYTES)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def pdeathsig_prefix() -> list[str]:

@@ -15,6 +15,7 @@ import time
 import zmq
 
 from indibroker.broker import wire
+from indibroker.broker.pacing import BlobPacing
 from indibroker.broker.routing import RoutingTable
 from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
@@ -34,6 +35,7 @@ def _as_bytes(payload: zmq.Frame | memoryview) -> bytes:
 class Broker:
     def __init__(self, ctx: zmq.Context, endpoint: str):
         self.table = RoutingTable()
+        self.pacing = BlobPacing()
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -106,8 +108,13 @@ class Broker:
                                 table.peers[ident].name)
             elif verb == wire.DEL and device and not name:
                 table.release(ident, device)
-            for target in table.targets(device, name, flags == wire.FLAG_BLOB):
+            targets = table.targets(device, name, flags == wire.FLAG_BLOB)
+            for target in targets:
                 self._queue(target, head, payload)
+            if flags == wire.FLAG_BLOB and device:
+                gateways = [t for t in targets if table.peers[t].role == "gateway"]
+                if self.pacing.routed(device, gateways):
+                    self._queue(ident, wire.header(wire.FLOW, device, "", wire.FLOW_DONE), b"")
         elif verb == wire.SNOOP:
             for target in table.targets(device, name, flags == wire.FLAG_BLOB):
                 if table.peers[target].role == "driver":
@@ -129,6 +136,19 @@ class Broker:
                 log.info("new*Vector for unknown device %r dropped", device)
             else:
                 self._queue(owner, head, payload)
+        elif verb == wire.FLOW:
+            owner = table.owner(device)
+            if owner is None or owner == ident:
+                return
+            if flags == wire.FLOW_DONE:
+                for _ in range(self.pacing.done(ident, device)):
+                    self._queue(owner, wire.header(wire.FLOW, device, "", wire.FLOW_DONE), b"")
+            elif flags == wire.FLOW_FULL:
+                pause = self.pacing.on_full(ident, device, table.targets(device, name, True))
+                if pause:
+                    self._queue(owner, wire.header(wire.FLOW, device, "", wire.FLOW_FULL), b"")
+            elif self.pacing.on_open(ident, device):
+                self._queue(owner, wire.header(wire.FLOW, device, "", wire.FLOW_OPEN), b"")
         elif verb == wire.SUB:
             try:
                 entries = wire.decode_interests(_as_bytes(payload))
@@ -145,6 +165,7 @@ class Broker:
         except ValueError as exc:
             log.warning("refused hello from %r: %s", ident, exc)
             return
+        self._unpace(ident)
         self.table.add_peer(ident, data["role"], data["name"], data["devices"])
         log.info("%s %s registered with %d device(s)", data["role"], data["name"], len(data["devices"]))
         self._queue(ident, wire.header(wire.HB), b"")
@@ -175,9 +196,20 @@ class Broker:
                 except zmq.ZMQError as exc:
                     if exc.errno == zmq.EHOSTUNREACH:
                         self.table.remove_peer(ident)
+                        self._unpace(ident)
                         log.info("peer %r has gone; forgotten", ident)
                         break
                     self._drop(ident, str(exc), len(records))
+
+    def _unpace(self, ident: bytes) -> None:
+        """A peer (re)starts or goes: its FULLs no longer hold, its DONEs are not waited for."""
+        resume, finished = self.pacing.forget(ident)
+        for device, flags, count in [(d, wire.FLOW_OPEN, 1) for d in resume] + \
+                [(d, wire.FLOW_DONE, n) for d, n in finished]:
+            owner = self.table.owner(device)
+            if owner is not None and owner != ident:
+                for _ in range(count):
+                    self._queue(owner, wire.header(wire.FLOW, device, "", flags), b"")
 
     def _drop(self, ident: bytes, why: str, count: int) -> None:
         self.dropped += count

@@ -24,6 +24,12 @@ DEF SET    a driver's def*/set*Vector: to every peer interested (flag ``B``: a s
 DEL MSG    a driver's delProperty / message (MSG without a device goes to every gateway)
 SNOOP      a set*/def*/del/message from a *client* (a chained server relaying its devices):
            to snooping drivers only, never on to clients or bridges (so it cannot circle)
+FLOW       BLOB pacing (broker/pacing.py). Gateway → broker: flags ``1``: the next BLOB of
+           (device, name) would be dropped for every client of mine that wants it, and one of
+           them is draining; ``0``: one has room again; ``D``: I have handled one BLOB of the
+           device. Broker → the device's owner: ``1`` pause reading that device's driver (every
+           peer that wants its BLOBs is full), ``0`` read it again, ``D`` one more of its BLOBs
+           has been handled by every gateway it went to (the owner's window moves on).
 =========  ===================================================================================
 """
 
@@ -35,12 +41,12 @@ from typing import Any
 
 __all__ = [
     "WIRE_VERSION", "HELLO", "WHO", "SUB", "HB", "GETP", "NEW", "DEF", "SET", "DEL", "MSG", "SNOOP",
-    "FLAG_BLOB", "WANT_PLAIN", "WANT_BLOB", "DRIVER_OUTPUT",
+    "FLOW", "FLAG_BLOB", "FLOW_FULL", "FLOW_OPEN", "FLOW_DONE", "WANT_PLAIN", "WANT_BLOB", "DRIVER_OUTPUT",
     "header", "parse_header", "hello_payload", "parse_hello", "encode_interests", "decode_interests",
     "record", "unpack",
 ]
 
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 
 HELLO = b"HELLO"
 WHO = b"WHO"
@@ -53,10 +59,14 @@ SET = b"SET"
 DEL = b"DEL"
 MSG = b"MSG"
 SNOOP = b"SNOOP"
+FLOW = b"FLOW"
 
 DRIVER_OUTPUT = frozenset({DEF, SET, DEL, MSG})
 
 FLAG_BLOB = b"B"
+FLOW_FULL = b"1"
+FLOW_OPEN = b"0"
+FLOW_DONE = b"D"
 
 # Interest bits: does a peer want a device's ordinary traffic, its BLOBs, or both.
 WANT_PLAIN = 1

@@ -5,7 +5,9 @@ Real indibroker processes, test drivers that stream BLOBs or misbehave, raw TCP 
 
 from __future__ import annotations
 
+import re
 import socket
+import time
 from pathlib import Path
 
 import psutil
@@ -99,6 +101,58 @@ def test_slow_client_loses_streaming_blobs_not_its_connection(broker_factory):
             stalled.close()
         got = seqs(good)
         assert got == list(range(got[0], got[0] + len(got)))
+
+
+def slow_reader(port: int, seconds: float, chunk: int = 64 * 1024, pause: float = 0.003) -> bytes:
+    """A client that wants the BLOBs and reads them steadily but slowly (about 20 MB/s)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b'<getProperties version="1.7"/><enableBLOB device="Streamer">Also</enableBLOB>')
+    got = bytearray()
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            data = s.recv(chunk)
+            if not data:
+                break
+            got += data
+            time.sleep(pause)
+    finally:
+        s.close()
+    return bytes(got)
+
+
+def test_a_blob_flood_is_paced_to_its_reader_not_dropped(broker_factory):
+    # The driver writes BLOBs as fast as its pipe takes them; the one client reads ~20 MB/s.
+    # Read at full speed, most BLOBs would be dropped for being over -d (5 MB) behind; paced, the
+    # driver waits on its pipe and the client gets every one.
+    b = broker_factory("--exdriver", STREAMER, env={"STREAM_BLOB_BYTES": "2000000", "STREAM_INTERVAL": "0"})
+    data = slow_reader(b.port, 4.0)
+    blobs = [int(n) for n in re.findall(rb'<oneBLOB name="IMAGE" size="\d+" format=".bin" seq="(\d+)"', data)]
+    numbers = [int(n) for n in re.findall(rb'name="SEQ" state="Ok"><oneNumber name="N">(\d+)<', data)]
+    assert len(blobs) >= 10, len(blobs)
+    assert blobs == list(range(blobs[0], blobs[0] + len(blobs))), "BLOBs were dropped"
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    assert "streaming BLOB(s) dropped" not in b.log()
+
+
+def test_a_stalled_blob_client_does_not_hold_the_driver_back_for_others(broker_factory):
+    # Pacing follows clients that are draining: one that has stopped reading must not make the
+    # driver wait for it, or a client of the same device's numbers would see them slow to a trickle.
+    b = broker_factory("--exdriver", STREAMER, env={"STREAM_BLOB_BYTES": "500000", "STREAM_INTERVAL": "0.02"})
+    with clients(b.port, 1) as (numbers,):
+        numbers.send('<getProperties version="1.7"/>')  # no BLOBs
+        numbers.wait_for(is_("setNumberVector", "Streamer", "SEQ"), 20)
+        stalled = stalled_client(b.port)
+        try:
+            numbers.pump(3.0)  # the stalled one fills its buffers and stops moving
+            mark = len(seqs(numbers))
+            numbers.pump(2.0)
+            got = seqs(numbers)[mark:]
+        finally:
+            stalled.close()
+    # 50 a second are sent; held back by a pause per BLOB it would be a few.
+    assert len(got) >= 50, len(got)
+    assert got == list(range(got[0], got[0] + len(got)))
 
 
 @pytest.mark.parametrize("bad", [

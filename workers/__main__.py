@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from indibroker.broker.oscalls import keep_big_buffers
+
 
 def preload() -> None:
     """Import what every role needs, so that forked workers share it with their parent."""
@@ -18,6 +20,7 @@ def preload() -> None:
 
 
 def run_role(kind: str, spec: str) -> int:
+    keep_big_buffers()
     if kind == "broker":
         from indibroker.broker.router import main as broker_main
 

@@ -17,19 +17,21 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from indibroker.broker import wire
 from indibroker.broker.oscalls import describe_exit, pdeathsig_prefix, reap, signal_group, spawn
+from indibroker.broker.pacing import BLOB_WINDOW
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.codec import DEFAULT_MAX_ELEMENT, Element, StreamDecoder
 from indibroker.workers.interest import Interest, union
 from indibroker.workers.outqueue import OutQueue
-from indibroker.workers.reactor import Timer
+from indibroker.workers.reactor import FdCallback, Timer
 
 __all__ = ["ExDriverWorker", "DriverSpec", "Driver"]
 
@@ -43,6 +45,7 @@ DEFAULT_HANG_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, before drivers define again
 LOG_FILE_BYTES = 1024 * 1024
+MAX_PAUSE = 0.5  # seconds a driver's output may wait for BLOB clients with no room (broker/pacing.py)
 LOG_FILE_COUNT = 3
 
 
@@ -89,6 +92,15 @@ class Driver:
         self.dropped_commands = 0
         self.dropped_logged = -1e9
         self.malformed = 0
+        # BLOB pacing (broker/pacing.py): its stdout is not read while every client that wants
+        # its BLOBs is full, or while too many of its BLOBs are on their way; at most MAX_PAUSE.
+        self.full = False
+        self.inflight: dict[str, deque[int]] = {}  # device -> sizes of BLOBs not done everywhere
+        self.inflight_bytes = 0
+        self.paused = False
+        self.pause_timer: Timer | None = None
+        self.pauses = 0
+        self.read_stdout: FdCallback | None = None
         self.started_wall: float | None = None
         self._stderr_buf = b""
         self.file_log: logging.Logger | None = None
@@ -129,6 +141,7 @@ class Driver:
             "started": self.started_wall,
             "last_exit": lc.last_exit,
             "devices": sorted(self.devices),
+            "pauses": self.pauses,
         }
 
 
@@ -231,7 +244,8 @@ class ExDriverWorker(Worker):
         driver.started_wall = time.time()
         driver.lifecycle.spawned(time.monotonic())
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
-        self.reactor.add_reader(proc.stdout.fileno(), lambda _fd: self._stdout(driver))
+        driver.read_stdout = lambda _fd: self._stdout(driver)
+        self.reactor.add_reader(proc.stdout.fileno(), driver.read_stdout)
         self.reactor.add_reader(proc.stderr.fileno(), lambda _fd: self._stderr(driver))
         log.info("driver %s started (pid %d): %s", driver.name, proc.pid, " ".join(argv))
         # Every (re)start: ask for definitions, so devices are known and clients get them again.
@@ -277,6 +291,7 @@ class ExDriverWorker(Worker):
         if proc is None:
             return
         self._drain_stdout(driver)
+        self._reset_pacing(driver)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 self.reactor.forget(stream.fileno())
@@ -427,6 +442,11 @@ class ExDriverWorker(Worker):
                 self.status_changed()
             flags = indi.blob_flag(tag)
             self.backbone.send(verb, device, name, flags, el.raw)
+            if flags == wire.FLAG_BLOB and device:
+                driver.inflight.setdefault(device, deque()).append(len(el.raw))
+                driver.inflight_bytes += len(el.raw)
+                if driver.inflight_bytes >= BLOB_WINDOW:
+                    self._pace(driver)
         elif tag == "pingRequest":
             self._to_driver(driver, indi.ping_reply(el.get("uid")))
         elif tag == "getProperties":
@@ -464,6 +484,57 @@ class ExDriverWorker(Worker):
                     if data is None:
                         data = payload
                     self._to_driver(driver, data)
+        elif verb == wire.FLOW:
+            owner = self._owner(device)
+            if owner is None:
+                return
+            if flags == wire.FLOW_DONE:
+                sizes = owner.inflight.get(device)
+                if sizes:
+                    owner.inflight_bytes -= sizes.popleft()
+            else:
+                owner.full = flags == wire.FLOW_FULL
+            self._pace(owner)
+
+    def _pace(self, driver: Driver) -> None:
+        """Read the driver's stdout, or not while its BLOBs have nowhere to go: every client that
+        wants them is full, or BLOB_WINDOW bytes of them are still on their way. The driver then
+        waits on its pipe, as under indiserver, instead of being read for its BLOBs to be dropped.
+        A pause never outlasts MAX_PAUSE (a lost signal cannot stall a driver)."""
+        proc = driver.proc
+        if proc is None or proc.stdout is None or driver.read_stdout is None:
+            return
+        paused = driver.full or driver.inflight_bytes >= BLOB_WINDOW
+        if paused == driver.paused:
+            return
+        driver.paused = paused
+        fd = proc.stdout.fileno()
+        if paused:
+            self.reactor.forget(fd)
+            driver.pauses += 1
+            driver.pause_timer = self.reactor.call_later(MAX_PAUSE, lambda: self._pause_expired(driver))
+        else:
+            if driver.pause_timer is not None:
+                driver.pause_timer.cancel()
+                driver.pause_timer = None
+            self.reactor.add_reader(fd, driver.read_stdout)
+
+    def _pause_expired(self, driver: Driver) -> None:
+        driver.pause_timer = None
+        log.debug("driver %s: BLOB pacing timed out; reading again", driver.name)
+        driver.full = False
+        driver.inflight.clear()
+        driver.inflight_bytes = 0
+        self._pace(driver)
+
+    @staticmethod
+    def _reset_pacing(driver: Driver) -> None:
+        if driver.pause_timer is not None:
+            driver.pause_timer.cancel()
+            driver.pause_timer = None
+        driver.full = driver.paused = False
+        driver.inflight.clear()
+        driver.inflight_bytes = 0
 
     def _owner(self, device: str) -> Driver | None:
         for driver in self.drivers.values():

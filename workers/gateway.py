@@ -20,6 +20,7 @@ from typing import Any
 
 from indibroker.broker import wire
 from indibroker.broker.errors import MalformedInput
+from indibroker.broker.pacing import BLOB_WINDOW
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.codec import Element, StreamDecoder
@@ -39,6 +40,7 @@ DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
 GETP_COALESCE = 2.0  # seconds a getProperties waiting for its first answer stands for others
 ASKED_MAX = 1024  # pending questions remembered before stale ones are forgotten
 ADMIT_GRACE = 0.5  # seconds a connection over maxconnections waits for a slot before refusal
+MOVING = 1.0  # seconds since a client last took bytes for it to count as draining (BLOB pacing)
 
 
 class ConnectionSlots:
@@ -117,10 +119,14 @@ class Gateway(Worker):
         self.max_element = int(spec.get("max_element", DEFAULT_CLIENT_MAX_ELEMENT))
         self.blob_drop_bytes = int(spec.get("blob_drop_bytes", DEFAULT_BLOB_DROP_BYTES))
         self.max_queue_bytes = int(spec.get("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES))
+        # Room for the next BLOB, for pacing: below the drop threshold by what may be in flight.
+        self.blob_room = max(0, self.blob_drop_bytes - BLOB_WINDOW)
         self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
         self.listener: socket.socket | None = None
         self._dirty: list[Client] = []
         self._asked: dict[tuple[str, str], float] = {}  # getProperties sent, no definition back yet
+        self._full: dict[str, str] = {}  # device -> BLOB property we said FULL for (broker/pacing.py)
+        self._opener: dict[str, tuple[Client, int]] = {}  # device -> first with room, and when to open
         self._rbuf = bytearray(READ_SIZE)
         self._rbuf_view = memoryview(self._rbuf)
         # One bound method each, shared by every client's registration (the reactor passes the fd).
@@ -207,6 +213,8 @@ class Gateway(Worker):
         self.reactor.forget(client.fd)
         self.clients.pop(client.fd, None)
         client.out = None
+        if self._full:
+            self._room_for(client, gone=True)  # whatever it held up is open again
         try:
             os.close(client.fd)
         except OSError:
@@ -320,14 +328,70 @@ class Gateway(Worker):
             self._asked.pop((device, ""), None)
             self._asked.pop((device, name), None)
         data = payload
-        blob = flags == wire.FLAG_BLOB
-        for client in list(self.clients.values()):
-            if client.interest.wants(device, name, blob):
-                self._deliver(client, data, blob)
-
-    def _deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> None:
-        if client.write_dead:
+        if flags != wire.FLAG_BLOB:
+            for client in list(self.clients.values()):
+                if client.interest.wants(device, name, False):
+                    self._deliver(client, data, False)
             return
+        room = draining = False
+        now = time.monotonic()
+        for client in list(self.clients.values()):
+            if client.interest.wants(device, name, True):
+                self._deliver(client, data, True)
+                out = client.out
+                if out is None or out.backlog() <= self.blob_room:
+                    room = True
+                elif now - out.moved < MOVING:
+                    draining = True
+        self.backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)  # handled: the owner's window moves
+        if not room and draining:
+            # The next BLOB would be dropped for everyone here, while someone is still taking
+            # bytes: ask for the driver to be paced to that client rather than read only for its
+            # BLOBs to be dropped (broker/pacing.py).
+            self._full[device] = name
+            self._opener.pop(device, None)
+            self.backbone.send(wire.FLOW, device, name, wire.FLOW_FULL)
+
+    def _room_for(self, client: Client, gone: bool = False) -> None:
+        """Open the devices we said FULL for, once this client has room for their next BLOB.
+
+        Not at the first client with room, though: the others, draining at much the same speed,
+        would each miss that BLOB by a few milliseconds. The device opens when every client that
+        is draining has room, or when the first one to have room is halfway through what it
+        still holds (so it is never left waiting: the next BLOB arrives while it still writes).
+        """
+        out = client.out
+        has_room = gone or out is None or out.backlog() <= self.blob_room
+        for device, name in list(self._full.items()):
+            if not client.interest.wants(device, name, True):
+                continue
+            opener = self._opener.get(device)
+            if gone or (opener is not None and opener[0] is client and (out is None or out.bytes <= opener[1])):
+                self._open(device, name)
+            elif has_room:
+                if opener is None:
+                    self._opener[device] = (client, out.bytes // 2 if out is not None else 0)
+                if self._all_have_room(device, name):
+                    self._open(device, name)
+
+    def _all_have_room(self, device: str, name: str) -> bool:
+        now = time.monotonic()
+        for client in self.clients.values():
+            out = client.out
+            if out is not None and out.backlog() > self.blob_room and now - out.moved < MOVING \
+                    and client.interest.wants(device, name, True):
+                return False
+        return True
+
+    def _open(self, device: str, name: str) -> None:
+        del self._full[device]
+        self._opener.pop(device, None)
+        self.backbone.send(wire.FLOW, device, name, wire.FLOW_OPEN)
+
+    def _deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> bool:
+        """Queue `data` for `client`; False when it was not (a BLOB dropped, a client gone)."""
+        if client.write_dead:
+            return False
         out = client.out
         if out is None:
             out = client.out = OutQueue()
@@ -335,13 +399,13 @@ class Gateway(Worker):
         if queued > self.max_queue_bytes:
             self._drop(client, f"too slow: {queued} bytes queued, over {self.max_queue_bytes}",
                        level=logging.WARNING)
-            return
+            return False
         if blob and out.backlog() > self.blob_drop_bytes:
             client.blobs_dropped += 1
             if client.blobs_dropped in (1, 10, 100) or client.blobs_dropped % 1000 == 0:
                 log.warning("client %s is %d bytes behind: %d streaming BLOB(s) dropped",
                             client.peer, queued, client.blobs_dropped)
-            return
+            return False
         was_empty = not out
         out.push(data)
         if was_empty and not client.dirty:
@@ -350,6 +414,7 @@ class Gateway(Worker):
             self._dirty.append(client)
             if len(self._dirty) == 1:
                 self.reactor.defer(self._flush_dirty)
+        return True
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, []
@@ -378,4 +443,6 @@ class Gateway(Worker):
                 done = True
         if done:
             client.out = None  # an idle client holds no queue
+        if self._full:
+            self._room_for(client)
         self.reactor.set_writer(client.fd, None if done else self._on_client_write)

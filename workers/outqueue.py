@@ -8,6 +8,7 @@ Shared by a gateway's clients and an exdriver's driver stdins. The byte count is
 from __future__ import annotations
 
 import os
+import time
 
 __all__ = ["OutQueue"]
 
@@ -18,13 +19,14 @@ class OutQueue:
     """Chunks in a plain list with a moving head (a deque costs 600 bytes even when empty, and
     an idle connection should cost almost nothing); consumed slots are reclaimed in bulk."""
 
-    __slots__ = ("_chunks", "_head", "bytes", "written")
+    __slots__ = ("_chunks", "_head", "bytes", "written", "moved")
 
     def __init__(self) -> None:
         self._chunks: list[bytes | memoryview] = []
         self._head = 0  # index of the first unwritten chunk
         self.bytes = 0  # queued, not yet written
         self.written = 0
+        self.moved = time.monotonic()  # when the peer last took bytes (or the queue was made)
 
     def __bool__(self) -> bool:
         return self.bytes > 0
@@ -55,6 +57,8 @@ class OutQueue:
             except (BlockingIOError, InterruptedError):
                 return False
             partial = n < sum(len(b) for b in batch)
+            if n:
+                self.moved = time.monotonic()
             self.bytes -= n
             self.written += n
             while n:
