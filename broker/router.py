@@ -114,7 +114,7 @@ class Broker:
             if flags == wire.FLAG_BLOB and device:
                 gateways = [t for t in targets if table.peers[t].role == "gateway"]
                 if self.pacing.routed(device, gateways):
-                    self._queue(ident, wire.header(wire.FLOW, device, "", wire.FLOW_DONE), b"")
+                    self._flow(ident, device, wire.FLOW_DONE)
         elif verb == wire.SNOOP:
             for target in table.targets(device, name, flags == wire.FLAG_BLOB):
                 if table.peers[target].role == "driver":
@@ -141,14 +141,12 @@ class Broker:
             if owner is None or owner == ident:
                 return
             if flags == wire.FLOW_DONE:
-                for _ in range(self.pacing.done(ident, device)):
-                    self._queue(owner, wire.header(wire.FLOW, device, "", wire.FLOW_DONE), b"")
+                self._flow(owner, device, flags, self.pacing.done(ident, device))
             elif flags == wire.FLOW_FULL:
-                pause = self.pacing.on_full(ident, device, table.targets(device, name, True))
-                if pause:
-                    self._queue(owner, wire.header(wire.FLOW, device, "", wire.FLOW_FULL), b"")
+                if self.pacing.on_full(ident, device, table.targets(device, name, True)):
+                    self._flow(owner, device, flags)
             elif self.pacing.on_open(ident, device):
-                self._queue(owner, wire.header(wire.FLOW, device, "", wire.FLOW_OPEN), b"")
+                self._flow(owner, device, wire.FLOW_OPEN)
         elif verb == wire.SUB:
             try:
                 entries = wire.decode_interests(_as_bytes(payload))
@@ -208,8 +206,13 @@ class Broker:
                 [(d, wire.FLOW_DONE, n) for d, n in finished]:
             owner = self.table.owner(device)
             if owner is not None and owner != ident:
-                for _ in range(count):
-                    self._queue(owner, wire.header(wire.FLOW, device, "", flags), b"")
+                self._flow(owner, device, flags, count)
+
+    def _flow(self, ident: bytes, device: str, flags: bytes, count: int = 1) -> None:
+        """Tell a device's owner FLOW `flags` (pause, resume, or `count` BLOBs done)."""
+        head = wire.header(wire.FLOW, device, "", flags)
+        for _ in range(count):
+            self._queue(ident, head, b"")
 
     def _drop(self, ident: bytes, why: str, count: int) -> None:
         self.dropped += count

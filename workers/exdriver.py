@@ -118,6 +118,12 @@ class Driver:
     def name(self) -> str:
         return self.spec.name
 
+    def forget_pacing(self) -> None:
+        """What the broker said about its BLOBs no longer holds (timed out, or a new process)."""
+        self.full = False
+        self.inflight.clear()
+        self.inflight_bytes = 0
+
     @property
     def running(self) -> bool:
         return self.proc is not None
@@ -522,9 +528,7 @@ class ExDriverWorker(Worker):
     def _pause_expired(self, driver: Driver) -> None:
         driver.pause_timer = None
         log.debug("driver %s: BLOB pacing timed out; reading again", driver.name)
-        driver.full = False
-        driver.inflight.clear()
-        driver.inflight_bytes = 0
+        driver.forget_pacing()
         self._pace(driver)
 
     @staticmethod
@@ -532,9 +536,8 @@ class ExDriverWorker(Worker):
         if driver.pause_timer is not None:
             driver.pause_timer.cancel()
             driver.pause_timer = None
-        driver.full = driver.paused = False
-        driver.inflight.clear()
-        driver.inflight_bytes = 0
+        driver.paused = False
+        driver.forget_pacing()
 
     def _owner(self, device: str) -> Driver | None:
         for driver in self.drivers.values():

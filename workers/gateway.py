@@ -338,10 +338,9 @@ class Gateway(Worker):
         for client in list(self.clients.values()):
             if client.interest.wants(device, name, True):
                 self._deliver(client, data, True)
-                out = client.out
-                if out is None or out.backlog() <= self.blob_room:
+                if self._has_room(client):
                     room = True
-                elif now - out.moved < MOVING:
+                elif self._draining(client, now):
                     draining = True
         self.backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)  # handled: the owner's window moves
         if not room and draining:
@@ -361,7 +360,7 @@ class Gateway(Worker):
         still holds (so it is never left waiting: the next BLOB arrives while it still writes).
         """
         out = client.out
-        has_room = gone or out is None or out.backlog() <= self.blob_room
+        has_room = gone or self._has_room(client)
         for device, name in list(self._full.items()):
             if not client.interest.wants(device, name, True):
                 continue
@@ -376,22 +375,26 @@ class Gateway(Worker):
 
     def _all_have_room(self, device: str, name: str) -> bool:
         now = time.monotonic()
-        for client in self.clients.values():
-            out = client.out
-            if out is not None and out.backlog() > self.blob_room and now - out.moved < MOVING \
-                    and client.interest.wants(device, name, True):
-                return False
-        return True
+        return not any(not self._has_room(c) and self._draining(c, now) and c.interest.wants(device, name, True)
+                       for c in self.clients.values())
+
+    def _has_room(self, client: Client) -> bool:
+        """Room for the next BLOB: under the drop threshold by what may still be in flight."""
+        return client.out is None or client.out.backlog() <= self.blob_room
+
+    @staticmethod
+    def _draining(client: Client, now: float) -> bool:
+        """Took bytes lately: a client that has stopped reading never paces a driver."""
+        return client.out is not None and now - client.out.moved < MOVING
 
     def _open(self, device: str, name: str) -> None:
         del self._full[device]
         self._opener.pop(device, None)
         self.backbone.send(wire.FLOW, device, name, wire.FLOW_OPEN)
 
-    def _deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> bool:
-        """Queue `data` for `client`; False when it was not (a BLOB dropped, a client gone)."""
+    def _deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> None:
         if client.write_dead:
-            return False
+            return
         out = client.out
         if out is None:
             out = client.out = OutQueue()
@@ -399,13 +402,13 @@ class Gateway(Worker):
         if queued > self.max_queue_bytes:
             self._drop(client, f"too slow: {queued} bytes queued, over {self.max_queue_bytes}",
                        level=logging.WARNING)
-            return False
+            return
         if blob and out.backlog() > self.blob_drop_bytes:
             client.blobs_dropped += 1
             if client.blobs_dropped in (1, 10, 100) or client.blobs_dropped % 1000 == 0:
                 log.warning("client %s is %d bytes behind: %d streaming BLOB(s) dropped",
                             client.peer, queued, client.blobs_dropped)
-            return False
+            return
         was_empty = not out
         out.push(data)
         if was_empty and not client.dirty:
@@ -414,7 +417,6 @@ class Gateway(Worker):
             self._dirty.append(client)
             if len(self._dirty) == 1:
                 self.reactor.defer(self._flush_dirty)
-        return True
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, []
