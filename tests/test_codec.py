@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from indibroker.broker.errors import MalformedInput
@@ -283,3 +283,68 @@ def test_elements_before_an_error_are_not_lost():
 
     stream = b"<pingRequest uid='1'/>junk"
     assert valid([stream]) == valid([stream[:22], stream[22:]]) == [b"<pingRequest uid='1'/>"]
+
+
+# -- many elements per parse ------------------------------------------------------------------------
+# A read of a flood holds hundreds of small elements, parsed in one lxml call. These cases make sure
+# that path cuts exactly where the one-at-a-time path does, whatever the nesting and the names.
+
+_NAMES = ["a", "b", "ab"]
+
+
+@st.composite
+def trees(draw, depth: int = 0) -> str:
+    """Any well-formed element, names repeated at every level, self-closing tags, text, comments."""
+    name = draw(st.sampled_from(_NAMES))
+    attr = draw(st.sampled_from(["", " x='1'", ' y="&lt;/a> b>"', " z='/>'"]))
+    if depth >= 4 or draw(st.integers(0, 3)) == 0:
+        if draw(st.booleans()):
+            return f"<{name}{attr}/>"
+        return f"<{name}{attr}>{draw(st.sampled_from(['', 't', '&lt;/a&gt;', ' ']))}</{name} >"
+    parts = draw(st.lists(trees(depth + 1) | st.sampled_from(["txt", "\n", "<!-- </b> -->"]), max_size=4))
+    return f"<{name}{attr}>{''.join(parts)}</{name}>"
+
+
+@settings(max_examples=400, deadline=None)
+# The first end tag of its name does not end an element that nests its own name.
+@example([("<a><a></a>\n<b/></a>", b"\n"), ("<b></b>", b"")], [])
+@given(st.lists(st.tuples(trees(), st.sampled_from([b"", b"\n", b" \n\t"])), min_size=1, max_size=12),
+       st.lists(st.integers(min_value=0), max_size=6))
+def test_nested_same_name_elements_are_cut_where_they_end(items, cuts):
+    raws = [t.encode() for t, _ in items]
+    stream = b"".join(sep + raw for raw, (_, sep) in zip(raws, items, strict=True))
+    assert [e.raw for e in decode(split(stream, cuts))] == raws
+
+
+def _flood(n: int, start: int = 0) -> list[bytes]:
+    return [f"<setNumberVector device='F' name='SEQ'>\n <oneNumber name='N'>{i}</oneNumber>\n"
+            "</setNumberVector>".encode() for i in range(start, start + n)]
+
+
+def test_a_bad_element_amid_a_flood_costs_only_itself():
+    good, later = _flood(300), _flood(300, 300)
+    bad = b"<setNumberVector device='F' name='SEQ'><oneNumber name='N'>&bomb;</oneNumber></setNumberVector>"
+    stream = b"\n".join(good + [bad] + later) + b"\n"
+    dec = StreamDecoder(resync=True)
+    out = dec.feed(stream)
+    assert len(dec.faults) == 1
+    assert [e.raw for e in out] == good + later
+    assert [e.root[0].text for e in out[:3]] == ["0", "1", "2"]
+    with pytest.raises(MalformedInput) as caught:
+        StreamDecoder().feed(stream)  # a client's decoder: the error carries the good ones before it
+    assert [e.raw for e in caught.value.elements] == good
+
+
+def test_a_too_deep_element_amid_a_flood_is_refused():
+    deep = b"<a>" * 10 + b"</a>" * 10
+    with pytest.raises(MalformedInput, match="deeper"):
+        StreamDecoder(max_depth=8).feed(b"\n".join(_flood(5) + [deep] + _flood(5)))
+    ok = b"<a>" * 8 + b"<b/>" + b"</a>" * 8
+    assert len(decode([b"\n".join(_flood(5) + [ok] + _flood(5))], max_depth=8)) == 11
+
+
+def test_the_size_limit_holds_for_each_element_of_a_flood():
+    small = _flood(3)
+    big = b"<a>" + b"x" * 200 + b"</a>"
+    with pytest.raises(MalformedInput, match="larger"):
+        StreamDecoder(max_element=150).feed(b"\n".join(small + [big] + small))
