@@ -101,33 +101,50 @@ class Counter:
         self.last_t: float | None = None
         self.done = False
 
-    def scan(self, data: bytes, tail: bytes, now: float) -> None:
+    def scan(self, data: bytes, cut: tuple[bytes, bytes, bytes], now: float) -> None:
+        """Count in `data`, a chunk just read; `cut` is (end of the previous chunk, start of this
+        one, the two joined), for what was cut in two between them. Never `previous + data`:
+        copying every chunk took half of a client's time in a BLOB flood."""
         marker = self.marker
-        n = data.count(marker) - tail.count(marker)
+        n = data.count(marker) + _straddling(marker, cut)
         if n > 0:
             self.count += n
             self.last_t = now
             if self.first_t is None:
                 self.first_t = now
-            pos = len(data)
-            while pos > 0:
-                pos = data.rfind(marker, 0, pos)
-                if pos < 0:
-                    break
-                m = self.seq_re.match(data, pos)
-                if m:
-                    self.last_seq = max(self.last_seq, int(m[1]))
+            for text in (data, cut[2]):
+                seq = self._last_seq(text)
+                if seq:
+                    self.last_seq = max(self.last_seq, seq)
                     break
         if not self.done:
-            if data.count(self.done_marker) > tail.count(self.done_marker):
+            if data.count(self.done_marker) + _straddling(self.done_marker, cut) > 0:
                 self.done = True
             elif self.expected and self.count >= self.expected:
                 self.done = True
+
+    def _last_seq(self, text: bytes) -> int:
+        pos = len(text)
+        while pos > 0:
+            pos = text.rfind(self.marker, 0, pos)
+            if pos < 0:
+                break
+            m = self.seq_re.match(text, pos)
+            if m:
+                return int(m[1])
+        return 0
 
     def stats(self) -> dict[str, Any]:
         return {"device": self.device, "count": self.count, "last_seq": self.last_seq,
                 "missing": max(0, self.last_seq - self.count), "first_t": self.first_t,
                 "last_t": self.last_t, "done": self.done, "expected": self.expected}
+
+
+def _straddling(marker: bytes, cut: tuple[bytes, bytes, bytes]) -> int:
+    """Occurrences of `marker` begun in the previous chunk and ended in this one (a marker does
+    not overlap itself, so these are what the join has beyond its two halves)."""
+    tail, head, joined = cut
+    return joined.count(marker) - tail.count(marker) - head.count(marker)
 
 
 class Stream:
@@ -141,11 +158,11 @@ class Stream:
 
     def feed(self, data: bytes, now: float) -> None:
         self.bytes += len(data)
-        tail = self.tail
-        scan = tail + data if tail else data
+        tail, head = self.tail, data[:TAIL]
+        cut = (tail, head, tail + head)
         for counter in self.counters:
-            counter.scan(scan, tail, now)
-        self.tail = scan[-TAIL:]
+            counter.scan(data, cut, now)
+        self.tail = data[-TAIL:] if len(data) >= TAIL else (tail + data)[-TAIL:]
 
     @property
     def done(self) -> bool:

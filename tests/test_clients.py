@@ -132,6 +132,13 @@ def test_a_blob_flood_is_paced_to_its_reader_not_dropped(broker_factory):
     assert len(blobs) >= 10, len(blobs)
     assert blobs == list(range(blobs[0], blobs[0] + len(blobs))), "BLOBs were dropped"
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    # A BLOB held back for its turn holds back what the driver wrote after it: each BLOB's number
+    # (written right after it) arrives after it and before the next BLOB.
+    events = [(b"B", int(bl)) if bl else (b"N", int(n))
+              for bl, n in re.findall(rb'seq="(\d+)"|<oneNumber name="N">(\d+)<', data)]
+    first = events.index((b"B", blobs[0]))
+    expect = [(kind, k) for k in blobs for kind in (b"B", b"N")]
+    assert events[first:first + len(expect) - 1] == expect[:-1]
     assert "streaming BLOB(s) dropped" not in b.log()
 
 

@@ -92,15 +92,18 @@ class Driver:
         self.dropped_commands = 0
         self.dropped_logged = -1e9
         self.malformed = 0
-        # BLOB pacing (broker/pacing.py): its stdout is not read while every client that wants
-        # its BLOBs is full, or while too many of its BLOBs are on their way; at most MAX_PAUSE.
+        # BLOB pacing (broker/pacing.py): its BLOBs are held back while every client that wants
+        # them is full, or while too many of them are on their way; at most MAX_PAUSE. While one
+        # is held its stdout is not read (the driver waits on its pipe).
         self.full = False
         self.inflight: dict[str, deque[int]] = {}  # device -> sizes of BLOBs not done everywhere
         self.inflight_bytes = 0
         self.paused = False
         self.pause_timer: Timer | None = None
         self.pauses = 0
-        self.read_stdout: FdCallback | None = None
+        self.held: deque[Element] = deque()  # a paused BLOB and what the driver wrote after it
+        self.read_stdout: FdCallback | None = None  # None once its stdout is closed
+        self.reading = False
         self.started_wall: float | None = None
         self._stderr_buf = b""
         self.file_log: logging.Logger | None = None
@@ -251,7 +254,8 @@ class ExDriverWorker(Worker):
         driver.lifecycle.spawned(time.monotonic())
         assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
         driver.read_stdout = lambda _fd: self._stdout(driver)
-        self.reactor.add_reader(proc.stdout.fileno(), driver.read_stdout)
+        driver.reading = False
+        self._read_or_not(driver)
         self.reactor.add_reader(proc.stderr.fileno(), lambda _fd: self._stderr(driver))
         log.info("driver %s started (pid %d): %s", driver.name, proc.pid, " ".join(argv))
         # Every (re)start: ask for definitions, so devices are known and clients get them again.
@@ -388,6 +392,8 @@ class ExDriverWorker(Worker):
         if not data:
             # EOF: the driver is exiting (or closed stdout); SIGCHLD reports the exit.
             self.reactor.forget(proc.stdout.fileno())
+            driver.read_stdout = None
+            driver.reading = False
             return
         self._feed(driver, data)
 
@@ -412,8 +418,14 @@ class ExDriverWorker(Worker):
             log.warning("driver %s sent bad XML, skipped (%d so far): %s", driver.name, driver.malformed,
                         "; ".join(driver.decoder.faults[:3]))
             driver.decoder.faults.clear()
+        held = driver.held
         for element in elements:
-            self._from_driver(driver, element)
+            if held or (driver.paused and indi.blob_flag(element.tag) == wire.FLAG_BLOB):
+                held.append(element)  # and what follows it, in order
+            else:
+                self._from_driver(driver, element)
+        if held and driver.reading:
+            self._read_or_not(driver)
 
     def _stderr(self, driver: Driver) -> None:
         proc = driver.proc
@@ -452,7 +464,7 @@ class ExDriverWorker(Worker):
                 driver.inflight.setdefault(device, deque()).append(len(el.raw))
                 driver.inflight_bytes += len(el.raw)
                 if driver.inflight_bytes >= BLOB_WINDOW:
-                    self._pace(driver)
+                    self._pause_or_not(driver)
         elif tag == "pingRequest":
             self._to_driver(driver, indi.ping_reply(el.get("uid")))
         elif tag == "getProperties":
@@ -503,27 +515,45 @@ class ExDriverWorker(Worker):
             self._pace(owner)
 
     def _pace(self, driver: Driver) -> None:
-        """Read the driver's stdout, or not while its BLOBs have nowhere to go: every client that
-        wants them is full, or BLOB_WINDOW bytes of them are still on their way. The driver then
-        waits on its pipe, as under indiserver, instead of being read for its BLOBs to be dropped.
-        A pause never outlasts MAX_PAUSE (a lost signal cannot stall a driver)."""
-        proc = driver.proc
-        if proc is None or proc.stdout is None or driver.read_stdout is None:
-            return
+        """Send the driver's BLOBs on, or hold them while they have nowhere to go: every client
+        that wants them is full, or BLOB_WINDOW bytes of them are still on their way. While
+        paused the driver is still read up to its next BLOB (its other messages pass), which is
+        then held, ready to go the moment there is room: a camera's next frame is read while
+        its clients take the last one, not after. Then the driver waits on its pipe, as under
+        indiserver, instead of being read for its BLOBs to be dropped. A pause never outlasts
+        MAX_PAUSE (a lost signal cannot stall a driver)."""
+        self._pause_or_not(driver)
+        held = driver.held
+        while held and not (driver.paused and indi.blob_flag(held[0].tag) == wire.FLAG_BLOB):
+            self._from_driver(driver, held.popleft())
+        self._read_or_not(driver)
+
+    def _pause_or_not(self, driver: Driver) -> None:
         paused = driver.full or driver.inflight_bytes >= BLOB_WINDOW
         if paused == driver.paused:
             return
         driver.paused = paused
-        fd = proc.stdout.fileno()
         if paused:
-            self.reactor.forget(fd)
             driver.pauses += 1
             driver.pause_timer = self.reactor.call_later(MAX_PAUSE, lambda: self._pause_expired(driver))
+        elif driver.pause_timer is not None:
+            driver.pause_timer.cancel()
+            driver.pause_timer = None
+
+    def _read_or_not(self, driver: Driver) -> None:
+        """Read stdout unless a BLOB is held (or it is closed)."""
+        proc = driver.proc
+        reading = proc is not None and proc.stdout is not None and driver.read_stdout is not None \
+            and not driver.held
+        if reading == driver.reading:
+            return
+        driver.reading = reading
+        assert proc is not None and proc.stdout is not None
+        if reading:
+            assert driver.read_stdout is not None
+            self.reactor.add_reader(proc.stdout.fileno(), driver.read_stdout)
         else:
-            if driver.pause_timer is not None:
-                driver.pause_timer.cancel()
-                driver.pause_timer = None
-            self.reactor.add_reader(fd, driver.read_stdout)
+            self.reactor.forget(proc.stdout.fileno())
 
     def _pause_expired(self, driver: Driver) -> None:
         driver.pause_timer = None
@@ -531,13 +561,16 @@ class ExDriverWorker(Worker):
         driver.forget_pacing()
         self._pace(driver)
 
-    @staticmethod
-    def _reset_pacing(driver: Driver) -> None:
+    def _reset_pacing(self, driver: Driver) -> None:
+        """Its pipes close: what it held goes out now, and pacing starts afresh."""
+        while driver.held:
+            self._from_driver(driver, driver.held.popleft())
         if driver.pause_timer is not None:
             driver.pause_timer.cancel()
             driver.pause_timer = None
         driver.paused = False
         driver.forget_pacing()
+        driver.reading = False
 
     def _owner(self, device: str) -> Driver | None:
         for driver in self.drivers.values():

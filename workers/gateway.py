@@ -342,14 +342,15 @@ class Gateway(Worker):
                     room = True
                 elif self._draining(client, now):
                     draining = True
-        self.backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)  # handled: the owner's window moves
         if not room and draining:
             # The next BLOB would be dropped for everyone here, while someone is still taking
             # bytes: ask for the driver to be paced to that client rather than read only for its
-            # BLOBs to be dropped (broker/pacing.py).
+            # BLOBs to be dropped (broker/pacing.py). Said before DONE: an owner holding its next
+            # BLOB ready would send it the moment DONE frees its window.
             self._full[device] = name
             self._opener.pop(device, None)
             self.backbone.send(wire.FLOW, device, name, wire.FLOW_FULL)
+        self.backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)  # handled: the owner's window moves
 
     def _room_for(self, client: Client, gone: bool = False) -> None:
         """Open the devices we said FULL for, once this client has room for their next BLOB.
