@@ -2,13 +2,15 @@
 
 A driver that produces BLOBs faster than any client drains them (a camera streaming, a flood)
 would otherwise be read at full speed only for its BLOBs to be dropped at every gateway (the
-slow-client policy), burning the CPU those clients need. Gateways say when a BLOB was dropped
-for every client of theirs that wants it while one of them is still draining (FULL), and when
-one has room again (OPEN). While every peer that wants the device's BLOBs is full, the owner is
-told to pause that driver; the first OPEN resumes it. A stalled client never counts (the gateway
-only reports clients that are moving), the owner resumes on its own after a short bound, and any
-peer that never reports (a remote bridge, a snooping driver) keeps the driver read at full speed:
-so the pace is set by the fastest client that keeps up, never by a slow one.
+slow-client policy), burning the CPU those clients need. Gateways say when the next BLOB would
+be dropped for a client of theirs that is still draining (FULL), and when they have room again
+(OPEN: soon, since the fastest client never waits for more than half of what it holds). While
+every peer that wants the device's BLOBs is full, the owner is told to pause that driver; the
+first OPEN resumes it. A stalled client never counts (the gateway only reports clients that are
+moving), the owner resumes on its own after a short bound, and any peer that never reports (a
+remote bridge, a snooping driver) keeps the driver read at full speed: so the pace is set by the
+fastest client that keeps up, never by a slow one, and clients a little behind it still get
+every BLOB.
 
 FULL comes late, though: by the time a gateway sees its clients full, the BLOBs a driver worker
 read meanwhile are already on their way (and would be dropped on arrival). So an owner also

@@ -333,20 +333,21 @@ class Gateway(Worker):
                 if client.interest.wants(device, name, False):
                     self._deliver(client, data, False)
             return
-        room = draining = False
+        behind = False
         now = time.monotonic()
         for client in list(self.clients.values()):
             if client.interest.wants(device, name, True):
                 self._deliver(client, data, True)
-                if self._has_room(client):
-                    room = True
-                elif self._draining(client, now):
-                    draining = True
-        if not room and draining:
-            # The next BLOB would be dropped for everyone here, while someone is still taking
-            # bytes: ask for the driver to be paced to that client rather than read only for its
-            # BLOBs to be dropped (broker/pacing.py). Said before DONE: an owner holding its next
-            # BLOB ready would send it the moment DONE frees its window.
+                if not behind and not self._has_room(client) and self._draining(client, now):
+                    behind = True
+        if behind:
+            # The next BLOB would be dropped for a client that is still taking bytes: ask for the
+            # driver to be paced (broker/pacing.py) rather than read only for its BLOBs to be
+            # dropped. Not for long: `_room_for` opens again when every draining client has room,
+            # or when the first with room is halfway through what it holds, so the fastest
+            # client never waits for a slower one; a client more than half a BLOB behind still
+            # loses BLOBs. Said before DONE: an owner holding its next BLOB ready would send it
+            # the moment DONE frees its window.
             self._full[device] = name
             self._opener.pop(device, None)
             self.backbone.send(wire.FLOW, device, name, wire.FLOW_FULL)
