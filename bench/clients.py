@@ -336,6 +336,12 @@ def group_main(spec: GroupSpec, pipe: multiprocessing.connection.Connection) -> 
                     pipe.send(("sent", t))
                 elif cmd[0] == "collect":
                     collecting = (cmd[1], cmd[2], cmd[3])
+                elif cmd[0] == "reset":  # count afresh: the next measurement on the same sockets
+                    for conn in live():
+                        conn.stream.tail = b""
+                        for counter in conn.stream.counters:
+                            counter.reset()
+                    pipe.send(("reset", 0))
             now = time.monotonic()
             if not ready_sent and ((connected == spec.clients and not_ready == 0) or now > ready_deadline):
                 ready_sent = True
@@ -412,6 +418,10 @@ class Group(_ChildHandle):
 
     def collect(self, t0: float, until: float, idle: float) -> None:
         self.pipe.send(("collect", t0, until, idle))
+
+    def reset(self) -> None:
+        self.pipe.send(("reset",))
+        self.recv(10)
 
 
 def spawn_groups(host: str, port: int, clients: int, procs: int, require_all: bool = True,

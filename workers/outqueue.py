@@ -56,7 +56,9 @@ class OutQueue:
                 n = os.writev(fd, batch)
             except (BlockingIOError, InterruptedError):
                 return False
-            partial = n < sum(len(b) for b in batch)
+            # Whether the kernel took less than offered (`bytes` is what the queue holds, so the
+            # common case of one batch holding it all needs no sum).
+            partial = n < (self.bytes if head + _BATCH >= len(chunks) else sum(map(len, batch)))
             if n:
                 self.moved = time.monotonic()
             self.bytes -= n
