@@ -25,8 +25,8 @@ DEL MSG    a driver's delProperty / message (MSG without a device goes to every 
 SNOOP      a set*/def*/del/message from a *client* (a chained server relaying its devices):
            to snooping drivers only, never on to clients or bridges (so it cannot circle)
 FLOW       BLOB pacing (broker/pacing.py). Gateway → broker: flags ``1``: the next BLOB of
-           (device, name) would be dropped for every client of mine that wants it, and one of
-           them is draining; ``0``: one has room again; ``D``: I have handled one BLOB of the
+           (device, name) would be dropped for a client of mine that wants it and is still
+           draining; ``0``: there is room again; ``D``: I have handled one BLOB of the
            device. Broker → the device's owner: ``1`` pause reading that device's driver (every
            peer that wants its BLOBs is full), ``0`` read it again, ``D`` one more of its BLOBs
            has been handled by every gateway it went to (the owner's window moves on).

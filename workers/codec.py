@@ -27,7 +27,7 @@ _NAME = rb"[A-Za-z_:][-\w.:]*"
 _ATTRS = rb"(?:\s+[^\s=/<>\"']+\s*=\s*(?:\"[^\"<]*\"|'[^'<]*'))*"
 _START = re.compile(rb"<(" + _NAME + rb")" + _ATTRS + rb"\s*(/?)>")
 _END = re.compile(rb"</(" + _NAME + rb")\s*>")
-_END_THEN_SPACE = re.compile(rb"</(" + _NAME + rb")\s*>[ \t\r\n]*")
+_END_THEN_SPACE = re.compile(rb"(</(" + _NAME + rb")\s*>)[ \t\r\n]*")  # the tag, its name
 # A start tag's extent, attributes unchecked (lxml checks them): twice as fast as _START.
 _HEAD = re.compile(rb"<(" + _NAME + rb")(?:[^>\"']++|\"[^\"]*+\"|'[^']*+')*+>")
 _SLASH = 0x2F  # b"/"
@@ -214,7 +214,7 @@ class StreamDecoder:
         only, parsed in one lxml call as the children of a wrapper (a flood's 200 small vectors
         per read cost one parse, not 200: lxml's set-up per document outweighs a small vector).
         It declines anything unusual (one element, markup such as comments, a parse error, too
-        deep, a child that is not the element the scan saw) and `_whole` then takes the elements
+        deep, a child count other than the scan's) and `_whole` then takes the elements
         one at a time, so what is accepted is exactly what the one-at-a-time path accepts."""
         buf = self._buf
         bounds: list[int] = []  # start, end, start, end, ...
@@ -229,9 +229,9 @@ class StreamDecoder:
             if close < 0 or buf.find(b"<" + name, m.end(), close) >= 0:
                 break
             e = _END_THEN_SPACE.match(buf, close)
-            if e is None or e.group(1) != name:
+            if e is None or e.group(2) != name:
                 break
-            end = close + len(e.group(0).rstrip())
+            end = e.end(1)
             if end - pos > self.max_element:
                 break
             bounds += (pos, end)

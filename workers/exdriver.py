@@ -121,6 +121,10 @@ class Driver:
     def name(self) -> str:
         return self.spec.name
 
+    def waits(self, el: Element) -> bool:
+        """While paused, its next BLOB (and whatever follows it) waits for room."""
+        return self.paused and indi.is_blob(el.tag)
+
     def forget_pacing(self) -> None:
         """What the broker said about its BLOBs no longer holds (timed out, or a new process)."""
         self.full = False
@@ -420,7 +424,7 @@ class ExDriverWorker(Worker):
             driver.decoder.faults.clear()
         held = driver.held
         for element in elements:
-            if held or (driver.paused and indi.blob_flag(element.tag) == wire.FLAG_BLOB):
+            if held or driver.waits(element):
                 held.append(element)  # and what follows it, in order
             else:
                 self._from_driver(driver, element)
@@ -524,7 +528,7 @@ class ExDriverWorker(Worker):
         MAX_PAUSE (a lost signal cannot stall a driver)."""
         self._pause_or_not(driver)
         held = driver.held
-        while held and not (driver.paused and indi.blob_flag(held[0].tag) == wire.FLAG_BLOB):
+        while held and not driver.waits(held[0]):
             self._from_driver(driver, held.popleft())
         self._read_or_not(driver)
 
@@ -565,11 +569,8 @@ class ExDriverWorker(Worker):
         """Its pipes close: what it held goes out now, and pacing starts afresh."""
         while driver.held:
             self._from_driver(driver, driver.held.popleft())
-        if driver.pause_timer is not None:
-            driver.pause_timer.cancel()
-            driver.pause_timer = None
-        driver.paused = False
         driver.forget_pacing()
+        self._pause_or_not(driver)  # no longer paused: its timer goes too
         driver.reading = False
 
     def _owner(self, device: str) -> Driver | None:

@@ -14,7 +14,7 @@ from indibroker.broker import wire
 
 __all__ = [
     "BlobMode", "PROTOCOL_VERSION", "CLIENT_NEW", "DRIVER_VERBS", "get_properties", "ping_reply",
-    "message", "del_property", "timestamp", "enable_blob", "blob_flag",
+    "message", "del_property", "timestamp", "enable_blob", "blob_flag", "is_blob",
 ]
 
 PROTOCOL_VERSION = "1.7"
@@ -31,9 +31,14 @@ DRIVER_VERBS: dict[str, bytes] = {
 }
 
 
+def is_blob(tag: str) -> bool:
+    """Only setBLOBVector counts as a BLOB (as in indiserver)."""
+    return tag == "setBLOBVector"
+
+
 def blob_flag(tag: str) -> bytes:
-    """The header flag of a driver message: only setBLOBVector counts as a BLOB (as indiserver)."""
-    return wire.FLAG_BLOB if tag == "setBLOBVector" else b""
+    """The header flag of a driver message."""
+    return wire.FLAG_BLOB if is_blob(tag) else b""
 
 
 class BlobMode(Enum):
