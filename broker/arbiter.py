@@ -25,7 +25,7 @@ from indibroker.broker.config import MB, Config, DriverConfig, driver_name
 from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
 from indibroker.broker.oscalls import describe_exit, fork_child, reap, signal_group, spawn
-from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, ENV_RUNTIME, RuntimeDir, status_age
+from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, RuntimeDir, status_age
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
 
 __all__ = ["Arbiter", "Child"]
@@ -117,7 +117,7 @@ class Arbiter:
         child.restart_at = None
         child.lifecycle.start()
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        env = {ENV_RUNTIME: str(self.runtime.path), ENV_LIFELINE: str(read_end),
+        env = {**self.runtime.env(), ENV_LIFELINE: str(read_end),
                ENV_LOGLEVEL: str(logging.getLevelName(self.config.log_level.upper()))}
         try:
             if self.fork_workers:

@@ -16,6 +16,7 @@ import zmq
 
 from indibroker.broker import wire
 from indibroker.broker.pacing import BlobPacing
+from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.routing import RoutingTable
 from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
@@ -33,7 +34,9 @@ def _as_bytes(payload: zmq.Frame | memoryview) -> bytes:
 
 
 class Broker:
-    def __init__(self, ctx: zmq.Context, endpoint: str):
+    def __init__(self, ctx: zmq.Context, endpoint: str, instance: str = ""):
+        self.instance = instance
+        self._refusals = RateLimitedLog(log, 30.0)
         self.table = RoutingTable()
         self.pacing = BlobPacing()
         self.sock = ctx.socket(zmq.ROUTER)
@@ -159,9 +162,9 @@ class Broker:
 
     def _hello(self, ident: bytes, payload: bytes) -> None:
         try:
-            data = wire.parse_hello(payload)
+            data = wire.parse_hello(payload, self.instance)
         except ValueError as exc:
-            log.warning("refused hello from %r: %s", ident, exc)
+            self._refusals.warning(ident, "refused hello from %r: %s", ident, exc)
             return
         self._unpace(ident)
         self.table.add_peer(ident, data["role"], data["name"], data["devices"])
@@ -239,7 +242,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the arbiter, which stops us in order
     ctx = zmq.Context()
-    broker = Broker(ctx, runtime.broker_endpoint)
+    broker = Broker(ctx, runtime.broker_endpoint, runtime.instance)
     poller = zmq.Poller()
     poller.register(broker.sock, zmq.POLLIN)
     poller.register(wake_r, zmq.POLLIN)

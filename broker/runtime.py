@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import sys
@@ -23,9 +24,10 @@ from typing import Any
 from indibroker.broker.errors import RuntimeDirBusy
 
 __all__ = ["RuntimeDir", "configure_logging", "lifeline_fd", "statusfile_write", "ENV_RUNTIME",
-           "ENV_LIFELINE", "default_base", "touch_status", "status_age"]
+           "ENV_INSTANCE", "ENV_LIFELINE", "default_base", "touch_status", "status_age"]
 
 ENV_RUNTIME = "INDIBROKER_RUNTIME"
+ENV_INSTANCE = "INDIBROKER_INSTANCE"
 ENV_LIFELINE = "INDIBROKER_LIFELINE"
 ENV_LOGLEVEL = "INDIBROKER_LOGLEVEL"
 
@@ -50,7 +52,13 @@ def _private_dir(path: Path) -> None:
 
 @dataclass
 class RuntimeDir:
+    """The per-port directory (lock, control socket) and, inside it, one directory per instance
+    (backbone socket, status files, connection slots), named by a token the arbiter draws at
+    start. A killed instance's lingering workers keep the old token: the backbone endpoint they
+    would reconnect to is gone, so they can never join, or write status into, the next instance."""
+
     path: Path
+    instance: str = ""
     _lock_fd: int = -1
 
     @classmethod
@@ -59,11 +67,19 @@ class RuntimeDir:
 
     @classmethod
     def from_env(cls) -> RuntimeDir:
-        return cls(Path(os.environ[ENV_RUNTIME]))
+        return cls(Path(os.environ[ENV_RUNTIME]), os.environ.get(ENV_INSTANCE, ""))
+
+    def env(self) -> dict[str, str]:
+        """What a child process needs to find this instance (`from_env` reads it back)."""
+        return {ENV_RUNTIME: str(self.path), ENV_INSTANCE: self.instance}
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.path / f"run-{self.instance}" if self.instance else self.path
 
     @property
     def broker_endpoint(self) -> str:
-        return f"ipc://{self.path / 'broker.sock'}"
+        return f"ipc://{self.instance_dir / 'broker.sock'}"
 
     @property
     def control_path(self) -> Path:
@@ -75,7 +91,11 @@ class RuntimeDir:
 
     @property
     def status_dir(self) -> Path:
-        return self.path / "status"
+        return self.instance_dir / "status"
+
+    @property
+    def slots_dir(self) -> Path:
+        return self.instance_dir / "slots"
 
     def acquire(self) -> None:
         """Create the directory and take its lock; raises RuntimeDirBusy if another instance has it."""
@@ -99,6 +119,8 @@ class RuntimeDir:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+        self.instance = self.instance or secrets.token_hex(4)
+        _private_dir(self.instance_dir)
         _private_dir(self.status_dir)
 
     def release(self) -> None:

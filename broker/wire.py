@@ -14,7 +14,8 @@ module; `WIRE_VERSION` travels in the hello so a mismatched worker is refused.
 Verbs (worker → broker unless said otherwise):
 
 =========  ===================================================================================
-HELLO      announce: payload is JSON ``{"wire", "role", "name", "devices"}``
+HELLO      announce: payload is JSON ``{"wire", "instance", "role", "name", "devices"}``; the broker
+           refuses a hello from another instance (a killed instance's lingering worker)
 WHO        broker → worker: "I do not know you" (after a broker restart): say HELLO again
 SUB        replace this peer's interests: payload is `encode_interests()`
 HB         heartbeat, both directions; any traffic also counts as one
@@ -46,7 +47,7 @@ __all__ = [
     "record", "unpack",
 ]
 
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 
 HELLO = b"HELLO"
 WHO = b"WHO"
@@ -104,17 +105,20 @@ def unpack(index: bytes) -> list[tuple[bytes, int]]:
     return out
 
 
-def hello_payload(role: str, name: str, devices: Iterable[str]) -> bytes:
+def hello_payload(role: str, name: str, devices: Iterable[str], instance: str = "") -> bytes:
     return json.dumps(
-        {"wire": WIRE_VERSION, "role": role, "name": name, "devices": sorted(devices)}
+        {"wire": WIRE_VERSION, "instance": instance, "role": role, "name": name, "devices": sorted(devices)}
     ).encode()
 
 
-def parse_hello(payload: bytes) -> dict[str, Any]:
-    """Decode and check a HELLO; raises ValueError when it is not one we can serve."""
+def parse_hello(payload: bytes, instance: str = "") -> dict[str, Any]:
+    """Decode and check a HELLO; raises ValueError when it is not one we can serve (another wire
+    version, or a worker of another instance than `instance`)."""
     data = json.loads(payload)
     if not isinstance(data, dict) or data.get("wire") != WIRE_VERSION:
         raise ValueError(f"wire version {data.get('wire') if isinstance(data, dict) else '?'}")
+    if data.get("instance", "") != instance:
+        raise ValueError(f"worker of another instance ({data.get('instance')!r}, we are {instance!r})")
     if data.get("role") not in ("gateway", "driver", "remote"):
         raise ValueError(f"unknown role {data.get('role')!r}")
     devices = data.get("devices", [])

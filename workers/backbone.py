@@ -3,7 +3,10 @@
 Every worker kind uses this one class. The broker's state is rebuildable: when it restarts it
 answers our next message with WHO, and we say HELLO again with the devices we own and our
 interests, so routing resumes without anyone reconnecting. Heartbeats are cheap (one small message
-every few seconds) and any traffic from the broker counts as one (Paranoid Pirate style).
+every few seconds) and any traffic from the broker counts as one (Paranoid Pirate style): a
+worker that hears nothing for LIVENESS intervals drops its connection and makes a new one before
+saying HELLO again, so a registration that did not take (a route lost to another connection, a
+broker that is wedged) is repaired rather than repeated into the same dead pipe.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from indibroker.broker import wire
+from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
 from indibroker.workers.reactor import Reactor
 
@@ -42,8 +46,14 @@ class Backbone:
         devices: Callable[[], Iterable[str]],
         interests: Callable[[], Iterable[tuple[str, str, int]]],
         registered_again: Callable[[], None] = lambda: None,
+        instance: str = "",
     ):
         self.reactor = reactor
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.instance = instance
+        self.reconnects = 0
+        self._silence_log = RateLimitedLog(log, 300.0)
         self.role = role
         self.name = name
         self._on_message = on_message
@@ -56,21 +66,35 @@ class Backbone:
         self._bodies: list[bytes] = []  # ...and their payloads
         self._headers_out: dict[tuple[bytes, str, str, bytes], bytes] = {}
         self._headers_in: dict[bytes, tuple[bytes, str, str, bytes]] = {}
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"{role}:{name}".encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.connect(endpoint)
+        self.sock: zmq.Socket | None = None
         self._last_heard = time.monotonic()
         self.dropped = 0
-        reactor.add_zmq(self.sock, self._readable)
-        reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        self._connect()
+        self._heartbeat_timer = reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
         self.hello()
+
+    def _connect(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"{self.role}:{self.name}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        self.reactor.add_zmq(sock, self._readable)
+
+    def _reconnect(self) -> None:
+        """A fresh connection: whatever the old one was stuck in (a route handed to another
+        connection, a half-dead pipe) is gone with it."""
+        if self.sock is not None:
+            self.reactor.remove_zmq(self.sock)
+            self.sock.close(linger=0)
+        self.reconnects += 1
+        self._connect()
 
     def hello(self) -> None:
         self._records, self._bodies = [], []  # batched for a broker that no longer knows us: moot
-        self.send(wire.HELLO, payload=wire.hello_payload(self.role, self.name, self._devices()))
+        self.send(wire.HELLO, payload=wire.hello_payload(self.role, self.name, self._devices(), self.instance))
         self._last_sub = None
         self._send_interests()
         self.flush()
@@ -121,6 +145,8 @@ class Backbone:
             self._send(records, b"".join(bodies))
 
     def _send(self, records: list[bytes], body: bytes) -> None:
+        if self.sock is None:  # closed: the worker is stopping
+            return
         try:
             send_frames(self.sock, [b"\n".join(records), body])
         except zmq.Again:
@@ -129,6 +155,8 @@ class Backbone:
                         self.dropped)
 
     def _readable(self) -> None:
+        if self.sock is None:
+            return
         for _ in range(64):
             try:
                 msg = recv_frames(self.sock, copy=True)
@@ -167,15 +195,24 @@ class Backbone:
                     self._on_message(verb, device, name, flags, payload)
 
     def _heartbeat(self) -> None:
-        if time.monotonic() - self._last_heard > HEARTBEAT_INTERVAL * LIVENESS:
-            log.warning("no word from the broker for %.0f s: registering again",
-                        time.monotonic() - self._last_heard)
+        silent = time.monotonic() - self._last_heard
+        if silent > HEARTBEAT_INTERVAL * LIVENESS:
+            self._silence_log.warning("silence", "no word from the broker for %.0f s: reconnecting "
+                                      "and registering again (%d reconnection(s) so far)", silent,
+                                      self.reconnects + 1)
             self._last_heard = time.monotonic()
+            self._reconnect()
             self.hello()
             self._registered_again()
         else:
             self.send(wire.HB)
-        self.reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        self._heartbeat_timer = self.reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        """Drop the connection for good (idempotent): a worker whose arbiter is gone must not
+        reconnect anywhere, and nothing it still does afterwards reaches a broker."""
+        self._heartbeat_timer.cancel()
+        if self.sock is not None:
+            self.reactor.remove_zmq(self.sock)
+            self.sock.close(linger=0)
+            self.sock = None

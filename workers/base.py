@@ -47,9 +47,11 @@ class Worker:
         self._status_timer_due = False
         self.started = time.time()
         self.liveness = float(spec.get("liveness", DEFAULT_LIVENESS))
+        self.orphaned = False  # the arbiter died: stop fast, reach no broker
         self.backbone = Backbone(
             self.reactor, self.ctx, self.runtime.broker_endpoint, self.backbone_role, self.name,
             self.on_backbone, self.owned_devices, self.interests, self.registered_again,
+            instance=self.runtime.instance,
         )
 
     # -- for subclasses ---------------------------------------------------------------------
@@ -105,7 +107,11 @@ class Worker:
         except BlockingIOError:
             return
         if not chunk:
+            # Our instance is over: leave the backbone now (its endpoint may soon belong to a
+            # new instance), then stop what we own quickly.
             log.warning("arbiter gone: %s stops", self.name)
+            self.orphaned = True
+            self.backbone.close()
             self.reactor.stop()
             return
         self._command_buf += chunk

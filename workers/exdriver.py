@@ -43,6 +43,7 @@ BLOB_READ_SIZE = 1024 * 1024  # per turn inside one big element: it is one messa
 DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
 DEFAULT_HANG_TIMEOUT = 60.0
 STOP_TIMEOUT = 5.0
+ORPHAN_STOP_TIMEOUT = 1.0  # the arbiter died: a new instance may be starting, so be gone at once
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, before drivers define again
 LOG_FILE_BYTES = 1024 * 1024
 MAX_PAUSE = 0.5  # seconds a driver's output may wait for BLOB clients with no room (broker/pacing.py)
@@ -197,7 +198,7 @@ class ExDriverWorker(Worker):
                 self._to_driver(driver, indi.get_properties())
 
     def shutdown(self) -> None:
-        self._stop_all(STOP_TIMEOUT)
+        self._stop_all(ORPHAN_STOP_TIMEOUT if self.orphaned else STOP_TIMEOUT)
 
     def owned_devices(self) -> list[str]:
         return sorted({d for driver in self.drivers.values() for d in driver.devices})

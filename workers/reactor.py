@@ -110,6 +110,13 @@ class Reactor:
         self._zcallback = callback
         self.add_reader(int(sock.getsockopt(zmq.FD)), lambda _fd: callback())
 
+    def remove_zmq(self, sock: zmq.Socket) -> None:
+        """Stop watching `sock` (call before closing it)."""
+        if self._zsock is sock:
+            self.forget(int(sock.getsockopt(zmq.FD)))
+            self._zsock = None
+            self._zcallback = None
+
     def _zmq_ready(self) -> bool:
         sock = self._zsock
         return sock is not None and readable(sock)
@@ -165,6 +172,8 @@ class Reactor:
                 events = []
             readers, writers = self._readers, self._writers
             for fd, mask in events:
+                if not self._running:  # stopped by an earlier callback: accept nothing more
+                    return
                 if mask & _READ:
                     callback = readers.get(fd)
                     if callback is not None:
