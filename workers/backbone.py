@@ -47,11 +47,13 @@ class Backbone:
         interests: Callable[[], Iterable[tuple[str, str, int]]],
         registered_again: Callable[[], None] = lambda: None,
         instance: str = "",
+        heartbeat: float = HEARTBEAT_INTERVAL,
     ):
         self.reactor = reactor
         self.ctx = ctx
         self.endpoint = endpoint
         self.instance = instance
+        self.heartbeat = heartbeat
         self.reconnects = 0
         self._silence_log = RateLimitedLog(log, 300.0)
         self.role = role
@@ -70,7 +72,7 @@ class Backbone:
         self._last_heard = time.monotonic()
         self.dropped = 0
         self._connect()
-        self._heartbeat_timer = reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        self._heartbeat_timer = reactor.call_later(heartbeat, self._heartbeat)
         self.hello()
 
     def _connect(self) -> None:
@@ -196,7 +198,7 @@ class Backbone:
 
     def _heartbeat(self) -> None:
         silent = time.monotonic() - self._last_heard
-        if silent > HEARTBEAT_INTERVAL * LIVENESS:
+        if silent > self.heartbeat * LIVENESS:
             self._silence_log.warning("silence", "no word from the broker for %.0f s: reconnecting "
                                       "and registering again (%d reconnection(s) so far)", silent,
                                       self.reconnects + 1)
@@ -206,7 +208,7 @@ class Backbone:
             self._registered_again()
         else:
             self.send(wire.HB)
-        self._heartbeat_timer = self.reactor.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        self._heartbeat_timer = self.reactor.call_later(self.heartbeat, self._heartbeat)
 
     def close(self) -> None:
         """Drop the connection for good (idempotent): a worker whose arbiter is gone must not
