@@ -91,6 +91,7 @@ class Arbiter:
                 "blob_drop_bytes": int(cfg.blob_drop_mb * MB),
                 "max_queue_bytes": int(cfg.client_max_mb * MB),
                 "max_element": int(cfg.client_max_element_mb * MB),
+                "max_partial_bytes": int(cfg.gateway_max_partial_mb * MB),
             }))
         for remote in cfg.remotes:
             self.children.append(Child(remote.name, "remote",

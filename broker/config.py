@@ -54,6 +54,7 @@ class DriverConfig:
             "queue_bytes": int(config.driver_queue_mb * MB), "hang_timeout": config.hang_timeout,
             "snoop_messages": self.snoop_messages,
             "max_element": int(config.driver_max_element_mb * MB),
+            "unfinished_timeout": config.driver_unfinished_timeout,
         }
 
 
@@ -96,9 +97,11 @@ class Config:
     blob_drop_mb: float = 5.0  # indiserver -d
     client_max_mb: float = 128.0  # indiserver -m
     client_max_element_mb: float = 16.0
+    gateway_max_partial_mb: float = 64.0  # unfinished client input one gateway holds, in total
     driver_queue_mb: float = 8.0
     driver_max_element_mb: float = 256.0
     hang_timeout: float = 60.0
+    driver_unfinished_timeout: float = 10.0  # an element a driver leaves unfinished this long is skipped
     worker_liveness: float = 30.0  # a worker silent this long (hung) is killed and restarted
     restart: dict[str, Any] = field(default_factory=dict)  # RestartPolicy defaults for drivers
     fifo: str | None = None

@@ -348,3 +348,234 @@ def test_the_size_limit_holds_for_each_element_of_a_flood():
     big = b"<a>" + b"x" * 200 + b"</a>"
     with pytest.raises(MalformedInput, match="larger"):
         StreamDecoder(max_element=150).feed(b"\n".join(small + [big] + small))
+
+
+# -- a truncated element does not swallow what follows it ---------------------------------------------
+# INDI vectors do not nest: a top-level element starting inside an unfinished one means that one was
+# cut short (a driver died or botched a write). It is a fault, and decoding resumes at the new one.
+
+GOOD = [b"<setNumberVector device='D' name='N'><oneNumber name='X'>1</oneNumber></setNumberVector>",
+        b"<message device='D' message='after the fault'/>",
+        b"<setNumberVector device='D' name='N'><oneNumber name='X'>2</oneNumber></setNumberVector>"]
+HALF = b"<defTextVector device='D' name='P' label='P' group='G' state='Idle' perm='ro'><defText name='T'>hel"
+# Half elements cut outside a tag: (the bytes, the unfinished element's tag).
+HALVES = [
+    (HALF, "defTextVector"),
+    (b"<setBLOBVector device='D' name='CCD1' state='Ok'>\n<oneBLOB name='CCD1' size='512' format='.fits'>\n"
+     + B64[:200].encode(), "setBLOBVector"),
+    (b"<defNumberVector device='D' name='N' label='N' group='G' state='Ok' perm='rw'>", "defNumberVector"),
+    (b"<newSwitchVector device='D' name='S'><oneSwitch name='ON'>On</oneSwitch>", "newSwitchVector"),
+    (b"<message device='D'>a message with text, cut", "message"),
+    (b"<setNumberVector device='D' name='N'><oneNumber name='X'>", "setNumberVector"),
+    (b"<newTextVector device='D' name='T'><oneText name='a'>x &lt;setNumberVector&gt; <!-- <message/> -->",
+     "newTextVector"),
+]
+
+
+def _unfinished(tag: str, size: int, new: str) -> str:
+    return f"unfinished <{tag}> ({size} bytes) skipped: a new <{new}> began inside it"
+
+
+def test_a_half_element_does_not_swallow_the_good_messages_after_it():
+    dec = StreamDecoder(resync=True)
+    out = dec.feed(HALF + b"\n".join(GOOD) + b"\n")
+    assert [e.raw for e in out] == GOOD
+    assert dec.faults == [_unfinished("defTextVector", len(HALF), "setNumberVector")]
+    assert dec.buffered == dec.pending_bytes == 0
+
+
+def test_a_half_element_is_found_when_the_next_element_arrives_later():
+    dec = StreamDecoder(resync=True)
+    assert [e.raw for e in dec.feed(GOOD[0] + b"\n" + HALF)] == [GOOD[0]]
+    assert dec.in_element and dec.faults == []
+    assert dec.feed(b"\n<message device='D'") == []  # the new start tag, not finished yet
+    assert dec.faults == [_unfinished("defTextVector", len(HALF) + 1, "message")]
+    assert [e.raw for e in dec.feed(b" message='x'/>")] == [b"<message device='D' message='x'/>"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(HALVES), st.lists(st.sampled_from(ELEMENTS), max_size=3),
+       st.lists(st.sampled_from(ELEMENTS), min_size=1, max_size=4), st.sampled_from(SEPARATORS),
+       st.lists(st.integers(min_value=0), max_size=12))
+def test_a_vector_opened_inside_an_unfinished_one_any_chunking(half, before, after, sep, cuts):
+    raw, tag = half
+    stream = b"\n".join(before) + b"\n" + raw + sep + b"\n".join(after) + b"\n"
+    dec = StreamDecoder(resync=True)
+    out = []
+    for chunk in split(stream, cuts):
+        out += dec.feed(chunk)
+    assert [e.raw for e in out] == before + after
+    new = after[0][1:].split(None, 1)[0].rstrip(b"/>").decode()
+    assert dec.faults == [_unfinished(tag, len(raw + sep), new)]
+    assert dec.buffered == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([(b"<defTextVector device='D' name='P'><defText name='T",
+                         "(unfinished <defTextVector> dropped)"),
+                        (b"<defTextVector device='D' name='P", "<defTextVector device="),  # its own start tag
+                        (b"<setNumberVector device='D'><oneNumber name='X'>1</oneNu",
+                         "(unfinished <setNumberVector> dropped)")]),
+       st.lists(st.integers(min_value=0), max_size=8))
+def test_an_element_cut_inside_a_tag_any_chunking(half, cuts):
+    raw, said = half
+    dec = StreamDecoder(resync=True)
+    out = []
+    for chunk in split(b"<pingRequest uid='1'/>" + raw + b"\n".join(GOOD) + b"\n", cuts):
+        out += dec.feed(chunk)
+    assert [e.raw for e in out] == [b"<pingRequest uid='1'/>", *GOOD]
+    assert len(dec.faults) == 1 and dec.faults[0].startswith("bad tag") and said in dec.faults[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(HALVES), st.lists(st.sampled_from(ELEMENTS), max_size=3),
+       st.lists(st.integers(min_value=0), max_size=12))
+def test_strict_a_vector_opened_inside_an_unfinished_one_is_a_fault(half, before, cuts):
+    raw, tag = half
+    stream = b"\n".join(before) + b"\n" + raw + b"\n".join(GOOD) + b"\n"
+    dec = StreamDecoder()  # a client's: the first fault drops the client
+    delivered = []
+    with pytest.raises(MalformedInput, match=f"unfinished <{tag}>") as caught:
+        for chunk in split(stream, cuts):
+            delivered += dec.feed(chunk)
+    delivered += caught.value.elements
+    assert [e.raw for e in delivered] == before
+    assert str(caught.value) == _unfinished(tag, len(raw), "setNumberVector")
+    assert dec.faults == [] and dec.buffered == 0
+
+
+@pytest.mark.parametrize("tag", ["defTextVector", "defNumberVector", "defSwitchVector", "defLightVector",
+                                 "defBLOBVector", "setTextVector", "setNumberVector", "setSwitchVector",
+                                 "setLightVector", "setBLOBVector", "newTextVector", "newNumberVector",
+                                 "newSwitchVector", "newBLOBVector", "delProperty", "message", "getProperties",
+                                 "enableBLOB", "pingRequest", "pingReply"])
+@pytest.mark.parametrize("end", [" device='D'/>", "/>", ">x</{tag}>", "\n/>"])
+def test_every_top_level_tag_ends_an_unfinished_element(tag, end):
+    new = f"<{tag}{end.format(tag=tag)}".encode()
+    for depth in (b"", b"<oneText name='a'>", b"<oneText name='a'><b>"):
+        head = b"<newTextVector device='D' name='T'>" + depth
+        dec = StreamDecoder(resync=True)
+        assert [e.raw for e in dec.feed(head + new + b"\n")] == [new]
+        assert dec.faults == [_unfinished("newTextVector", len(head), tag)]
+
+
+def test_only_top_level_names_end_an_element():
+    raws = [b"<defTextVector device='D' name='P'><defText name='T'>x</defText><defText name='U'/></defTextVector>",
+            b"<setBLOBVector device='D' name='B'><oneBLOB name='B' size='0' format='.z'></oneBLOB></setBLOBVector>",
+            b"<message device='D'><messages/><messageX/><message.x/><message-x>t</message-x>"
+            b"<setNumberVector2/><defTextVectorX/><SetNumberVector/><oneText>&lt;setNumberVector </oneText></message>",
+            b"<newTextVector device='D' name='T'><oneText name='a'><oneText name='b'>in</oneText></oneText>"
+            b"</newTextVector>"]
+    stream = b"\n".join(raws) + b"\n"
+    for chunks in ([stream], [stream[i:i + 1] for i in range(len(stream))]):
+        dec = StreamDecoder(resync=True)
+        assert [e.raw for chunk in chunks for e in dec.feed(chunk)] == raws
+        assert dec.faults == []
+
+
+def test_abandon_drops_a_half_element():
+    dec = StreamDecoder(resync=True)
+    assert dec.abandon() == 0 and dec.faults == []  # nothing held: nothing to drop
+    assert [e.raw for e in dec.feed(GOOD[0] + b"\n\n  " + HALF)] == [GOOD[0]]
+    assert dec.in_element and dec.pending_bytes == dec.buffered == len(HALF)  # what precedes it is not held
+    assert dec.abandon("no end tag for 10 s") == len(HALF)
+    assert dec.faults == [f"unfinished <defTextVector> ({len(HALF)} bytes) abandoned: no end tag for 10 s"]
+    assert not dec.in_element and dec.pending_bytes == 0 and dec.abandon() == 0
+    # What the driver writes next is decoded afresh (the rest of the dropped element would be a fault).
+    assert [e.raw for e in dec.feed(b"\n".join(GOOD))] == GOOD
+    assert len(dec.faults) == 1
+
+
+def test_abandon_drops_a_half_start_tag_and_works_in_strict_mode():
+    dec = StreamDecoder()
+    assert dec.feed(b"\n<defTextVector device='D' name='P") == []
+    assert not dec.in_element  # its start tag is not finished: pending_bytes is what tells
+    assert dec.pending_bytes == len(b"<defTextVector device='D' name='P")
+    assert dec.abandon() == 33
+    assert dec.faults == ["unfinished <defTextVector> (33 bytes) abandoned"]  # recorded, not raised
+    dec.feed(b"<!-- a comm")
+    assert dec.abandon() == 11 and dec.faults[-1] == "unfinished input b'<!-- a comm' (11 bytes) abandoned"
+    assert [e.raw for e in dec.feed(GOOD[0])] == [GOOD[0]]
+
+
+def test_pending_bytes_of_a_blob_in_chunks():
+    (raw,) = (e for e in ELEMENTS if e.startswith(b"<setBLOBVector"))
+    dec = StreamDecoder(resync=True)
+    assert dec.feed(b"\n\n") == [] and dec.pending_bytes == 0
+    held = 0
+    while len(raw) - held > 100:
+        assert dec.feed(raw[held:held + 100]) == []
+        held += 100
+        assert dec.in_element and dec.pending_bytes == held
+    assert [e.raw for e in dec.feed(raw[held:] + b"\n")] == [raw]
+    assert dec.pending_bytes == 0
+
+
+# No false alarms: what is valid still comes out exactly as before, whatever the chunking, with no fault.
+NO_ALARM = [
+    f"<newTextVector {D} name='T'><oneText name='X'>&lt;setNumberVector device='D'&gt; &lt;message/></oneText>"
+    "</newTextVector>",
+    f"<message {D} message='&lt;setNumberVector name=\"x\"&gt;'/>",
+    f"<message {D}>text &lt;defTextVector&gt; &lt;/message&gt;</message>",
+    f"<setTextVector {D} name='T'><!-- <setNumberVector device='x'> --><oneText name='A'>x</oneText>"
+    "</setTextVector>",
+    f"<setTextVector {D} name='T'><oneText name='A'><![CDATA[<message device='x'/> <pingRequest>]]></oneText>"
+    "</setTextVector>",
+    f"<setTextVector {D} name='T'><?pi <setNumberVector> ?><oneText name='A'>y</oneText></setTextVector>",
+    f"<defTextVector {D} name='P'><defText name='A'><defText name='B'>nested</defText></defText></defTextVector>",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(ELEMENTS + [e.encode() for e in NO_ALARM]) | trees().map(str.encode),
+                          st.sampled_from(SEPARATORS)), min_size=1, max_size=10),
+       st.lists(st.integers(min_value=0), max_size=10))
+def test_valid_streams_raise_no_false_fault(items, cuts):
+    stream = b"".join(sep + raw for raw, sep in items)
+    dec = StreamDecoder(resync=True)
+    out = []
+    for chunk in split(stream, cuts):
+        out += dec.feed(chunk)
+    assert [e.raw for e in out] == [raw for raw, _ in items]
+    assert dec.faults == [] and dec.buffered == 0
+    assert [e.raw for e in decode(split(stream, cuts))] == [raw for raw, _ in items]  # strict: no raise
+
+
+# Faulty nesting is judged the same by the fast paths (whole elements, batches) and the careful scan.
+BAD_NESTING = [
+    HALF,
+    b"<defTextVector device='D' name='P'><message device='D' message='inside'/></defTextVector>",
+    b"<setTextVector device='D' name='T'><oneText name='A'><setNumberVector device='D' name='N'>"
+    b"<oneNumber name='X'>3</oneNumber></setNumberVector></oneText></setTextVector>",
+    b"<message device='D'><pingRequest uid='1'/></message>",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(ELEMENTS[:4] + GOOD + BAD_NESTING), min_size=1, max_size=12),
+       st.lists(st.integers(min_value=0), max_size=10))
+def test_faulty_nesting_is_judged_the_same_however_chunked(items, cuts):
+    stream = b"\n".join([*items, GOOD[0]]) + b"\n"  # what ends a half element at the end
+
+    def run(chunks):
+        dec = StreamDecoder(resync=True)
+        out = []
+        for chunk in chunks:
+            out += dec.feed(chunk)
+        return [e.raw for e in out], dec.faults
+
+    careful = run([stream[i:i + 1] for i in range(len(stream))])  # never a whole element buffered
+    assert run([stream]) == run(split(stream, cuts)) == careful
+    assert len(careful[1]) >= sum(raw in BAD_NESTING for raw in items)
+
+
+def test_a_half_element_amid_a_flood_costs_only_itself():
+    good, later = _flood(300), _flood(300, 300)
+    nested = b"<setNumberVector device='F' name='SEQ'><oneNumber name='N'><message message='m'/></oneNumber>" \
+        b"</setNumberVector>"
+    for bad, faults in ((HALF, 1), (nested, 3)):  # the inner message is good; the two end tags are strays
+        stream = b"\n".join(good + [bad] + later) + b"\n"
+        dec = StreamDecoder(resync=True)
+        out = [e.raw for e in dec.feed(stream)]
+        assert len(dec.faults) == faults and dec.faults[0].startswith("unfinished <")
+        assert out[:300] == good and out[-300:] == later

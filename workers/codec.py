@@ -6,6 +6,12 @@ scanner finds element boundaries with `bytes.find` and a tag regex (a multi-MB b
 skipped in one C call), then each complete element is parsed once by lxml with entity resolution,
 DTDs and network access off. The raw bytes of each element are kept so that they can be forwarded
 unchanged: nothing downstream re-serialises XML.
+
+INDI vectors do not nest, so a new top-level INDI element (one of `TOP_LEVEL_TAGS`) that begins
+inside an unfinished one means the unfinished one was cut short (a driver died or botched a write
+mid-element): the decoder reports that element as a fault and resumes at the new one, instead of
+swallowing every later message while it waits for an end tag that never comes. An element left
+unfinished for too long can be dropped with `StreamDecoder.abandon()` (the caller owns the clock).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from lxml import etree
 
 from indibroker.broker.errors import MalformedInput
 
-__all__ = ["Element", "StreamDecoder", "DEFAULT_MAX_ELEMENT", "DEFAULT_MAX_DEPTH"]
+__all__ = ["Element", "StreamDecoder", "DEFAULT_MAX_ELEMENT", "DEFAULT_MAX_DEPTH", "TOP_LEVEL_TAGS"]
 
 DEFAULT_MAX_ELEMENT = 256 * 1024 * 1024
 DEFAULT_MAX_DEPTH = 8
@@ -37,6 +43,25 @@ _PARTIAL = re.compile(
     + rb"(?:\s+[^\s=/<>\"']*(?:\s*=\s*(?:\"[^\"<]*|'[^'<]*)?)?)?\s*/?\Z"
 )
 _WS = frozenset(b" \t\r\n")
+# The elements that only ever stand at the top level of an INDI stream: one of these starting
+# inside another element means that element was cut short.
+TOP_LEVEL_TAGS = (
+    "defTextVector", "defNumberVector", "defSwitchVector", "defLightVector", "defBLOBVector",
+    "setTextVector", "setNumberVector", "setSwitchVector", "setLightVector", "setBLOBVector",
+    "newTextVector", "newNumberVector", "newSwitchVector", "newBLOBVector",
+    "delProperty", "message", "getProperties", "enableBLOB", "pingRequest", "pingReply",
+)
+_TOP_NAMES = frozenset(t.encode() for t in TOP_LEVEL_TAGS)
+_TOP_ANY_NS = tuple("{*}" + t for t in TOP_LEVEL_TAGS)  # lxml tag filters: these names, any namespace
+# Where a start tag of one of them begins. Spelt factored (the same names): the regex runs on every
+# small element taken whole, and this form is a third faster there than a flat alternation.
+_TOP = re.compile(
+    rb"<(?:def(?:Text|Number|Switch|Light|BLOB)Vector|set(?:Text|Number|Switch|Light|BLOB)Vector"
+    rb"|new(?:Text|Number|Switch|BLOB)Vector|delProperty|message|getProperties|enableBLOB|ping(?:Request|Reply))"
+    rb"[\s/>]")
+_TOP_LONGEST = max(map(len, _TOP_NAMES)) + 2  # the longest match of _TOP
+_TOP_WINDOW = 4096  # a longer span is searched a window at a time, from one "<" (memchr) to the next
+_NAME_AT = re.compile(rb"<(" + _NAME + rb")")
 _LT = 0x3C  # b"<"
 MAX_BATCH = 256  # elements handed to lxml in one document
 
@@ -74,6 +99,25 @@ def _copy(buf: bytearray, start: int, end: int) -> bytes:
         return bytes(view[start:end])
 
 
+def _top_inside(buf: bytearray, start: int, end: int) -> re.Match[bytes] | None:
+    """The first top-level INDI start tag in ``buf[start:end]``. Bytes only, so a comment or
+    CDATA mentioning one counts too: callers use it to decline a fast path, and the careful scan
+    (which steps over those) decides. A long span is searched a window at a time, each from the
+    next ``<`` found by ``bytes.find`` (memchr): a BLOB's base64, which holds none, is crossed
+    twenty times faster than by the regex, and markup dense with tags still costs one regex
+    call per window, not one per tag."""
+    if end - start <= _TOP_WINDOW:
+        return _TOP.search(buf, start, end)
+    lt = buf.find(b"<", start, end)
+    while lt >= 0:
+        stop = min(end, lt + _TOP_WINDOW)
+        m = _TOP.search(buf, lt, stop)
+        if m is not None or stop == end:
+            return m
+        lt = buf.find(b"<", stop - _TOP_LONGEST, end)  # windows overlap: no match falls between
+    return None
+
+
 _PARSER = _parser()  # one per process: lxml parsers are reusable, and each costs memory
 
 
@@ -81,7 +125,9 @@ class StreamDecoder:
     """Incremental decoder: `feed()` bytes, get back the elements completed so far.
 
     Raises `MalformedInput` on garbage between elements, bad tags, a DOCTYPE (the way in for
-    entity bombs), nesting deeper than `max_depth` or an element larger than `max_element`. After
+    entity bombs), nesting deeper than `max_depth`, an element larger than `max_element`, or a
+    top-level INDI element (`TOP_LEVEL_TAGS`) starting inside another (INDI vectors do not nest:
+    the outer one was cut short; in resync mode decoding resumes at the new element). After
     an error the decoder has dropped what it buffered (the rest of that chunk included) and starts
     afresh with the next feed, so a caller that tolerates bad input (a driver) can keep feeding; a
     caller that does not (a client gateway) simply drops the connection.
@@ -95,7 +141,7 @@ class StreamDecoder:
         self.max_element = max_element
         self.max_depth = max_depth
         self.resync = resync  # skip bad input and go on (drivers), instead of raising (clients)
-        self.faults: list[str] = []  # in resync mode: what was skipped, for the caller to log
+        self.faults: list[str] = []  # what was skipped (resync mode) or abandoned, for the caller to log
         self._resume = -1  # where good input may start again after a fault (-1: nowhere held)
         self._buf = bytearray()
         self._scan = 0  # where scanning resumes
@@ -113,6 +159,38 @@ class StreamDecoder:
     def buffered(self) -> int:
         """Bytes held for an unfinished element (what a half-sent message costs us)."""
         return len(self._buf)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held for input that is not yet a whole element: an unfinished element, or an
+        unfinished start tag, declaration or comment before one; 0 between elements. The same
+        count as `buffered`, under the name the callers that bound unfinished input use. A caller
+        timing out half-sent input should test this rather than `in_element`, which is False while
+        the element's own start tag is still unfinished."""
+        return len(self._buf)
+
+    def abandon(self, reason: str = "") -> int:
+        """Drop whatever is held for an unfinished element (or start tag), for a caller that has
+        waited long enough for its end: a driver that stopped mid-element. Records a fault
+        ``unfinished <TAG> (N bytes) abandoned[: reason]`` in `faults` (in either mode: the caller
+        chose this, nothing is raised) and returns N, the bytes dropped; 0, and no fault, when
+        nothing was held. Decoding carries on with the next byte fed."""
+        held = len(self._buf)
+        if not held:
+            return 0
+        why = f": {reason}" if reason else ""
+        self.faults.append(f"unfinished {self._held_what()} ({held} bytes) abandoned{why}")
+        self._reset()
+        return held
+
+    def _held_what(self) -> str:
+        """What the buffer holds, for a fault: ``<tag>`` of the element (or of its start tag)."""
+        if self._open:
+            return f"<{self._open[0].decode('ascii', 'replace')}>"
+        m = _NAME_AT.match(self._buf)
+        if m is not None:
+            return f"<{m.group(1).decode('ascii', 'replace')}>"
+        return f"input {bytes(self._buf[:20])!r}"
 
     def feed(self, data: bytes) -> list[Element]:
         """The elements completed by `data`. On bad input raises `MalformedInput`, whose
@@ -180,6 +258,14 @@ class StreamDecoder:
                     self._emit(out, pos)
                     pos = 0
                 continue
+            if stack:
+                top = _TOP.match(buf, lt)
+                if top is not None:  # INDI vectors do not nest: the open element was cut short
+                    self._resume = lt
+                    new = top.group()[1:-1].decode()  # "<name" and the space, "/" or ">" after it
+                    raise MalformedInput(
+                        f"unfinished <{stack[0].decode('ascii', 'replace')}> ({lt - self._start} bytes) skipped: "
+                        f"a new <{new}> began inside it")
             m = _START.match(buf, lt)
             if m is None:
                 self._incomplete_or_bad(buf, lt)
@@ -203,10 +289,14 @@ class StreamDecoder:
         pending = len(buf) - (self._start if self._start >= 0 else pos)
         if pending > self.max_element:
             raise MalformedInput(f"element larger than {self.max_element} bytes")
-        if self._start < 0:
-            # Between elements: whitespace and declarations already consumed can go.
-            del buf[:pos]
-            pos = 0
+        # What came before the unfinished element or tag (whitespace, declarations) can go, so
+        # that what is held is exactly what `pending_bytes` reports.
+        cut = self._start if self._start >= 0 else pos
+        if cut:
+            del buf[:cut]
+            pos -= cut
+            if self._start >= 0:
+                self._start = 0
         self._scan = pos
 
     def _batch(self, out: list[Element], lt: int) -> bool:
@@ -215,9 +305,12 @@ class StreamDecoder:
         per read cost one parse, not 200: lxml's set-up per document outweighs a small vector).
         It declines anything unusual (one element, markup such as comments, a parse error, too
         deep, a child count other than the scan's) and `_whole` then takes the elements
-        one at a time, so what is accepted is exactly what the one-at-a-time path accepts."""
+        one at a time, so what is accepted is exactly what the one-at-a-time path accepts. An
+        element with a top-level tag inside ends the batch before it (not declined whole: that
+        would parse the rest again for each element taken one at a time)."""
         buf = self._buf
         bounds: list[int] = []  # start, end, start, end, ...
+        tops = 0  # how many of those elements have a top-level name (all of them, in INDI)
         pos, size = lt, len(buf)
         while len(bounds) < 2 * MAX_BATCH:
             m = _HEAD.match(buf, pos)
@@ -235,6 +328,7 @@ class StreamDecoder:
             if end - pos > self.max_element:
                 break
             bounds += (pos, end)
+            tops += name in _TOP_NAMES
             pos = e.end()
             if pos >= size or buf[pos] != _LT:
                 break
@@ -251,8 +345,21 @@ class StreamDecoder:
             return False
         if len(root) != len(raws) or self._too_deep(root):
             return False
+        # A top-level tag below the top level is a fault the careful scan reports. One C walk
+        # finds the elements with a top-level name, in any namespace (so never fewer than the
+        # bytes hold): just the batch's own (`tops`) means none is nested, and when every element
+        # of the batch has such a name that walk has made their proxies already.
+        found = list(root.iter(*_TOP_ANY_NS))
+        if len(found) != tops:  # the bytes say which element holds one: the batch ends before it
+            keep = 0
+            while keep < len(raws) and _top_inside(buf, bounds[2 * keep] + 1, bounds[2 * keep + 1]) is None:
+                keep += 1
+            if not keep:
+                return False
+            del raws[keep:]
+            last = bounds[2 * keep - 1]
         del buf[:last]
-        out.extend(map(Element, raws, root))
+        out.extend(map(Element, raws, found if len(found) == len(raws) == tops else root))
         return True
 
     def _too_deep(self, wrapper: etree._Element) -> bool:
@@ -266,7 +373,8 @@ class StreamDecoder:
         """The fast path: when the element's end tag is already buffered, hand the whole element
         to lxml (which checks everything inside) without scanning its children here. INDI
         vectors do not nest, so the first end tag of the same name closes it; if lxml disagrees
-        (say, that end tag sat in a comment) the careful scan takes over."""
+        (say, that end tag sat in a comment), or a top-level tag appears inside (a fault, or only
+        a comment mentioning one), the careful scan takes over."""
         buf = self._buf
         close = buf.find(b"</" + name, pos)
         if close < 0:
@@ -275,7 +383,7 @@ class StreamDecoder:
         if m is None or m.group(1) != name:
             return False
         end = m.end()
-        if end - lt > self.max_element:
+        if end - lt > self.max_element or _top_inside(buf, pos, close) is not None:
             return False  # let the careful scan report it
         raw = _copy(buf, lt, end)
         try:
@@ -337,4 +445,5 @@ class StreamDecoder:
         tail = bytes(buf[lt : lt + _MAX_TAG + 1])
         if len(tail) > _MAX_TAG or _PARTIAL.match(tail) is None:
             self._resume = lt + 1
-            raise MalformedInput(f"bad tag: {tail[:60]!r}")
+            inside = f" (unfinished <{self._open[0].decode('ascii', 'replace')}> dropped)" if self._open else ""
+            raise MalformedInput(f"bad tag: {tail[:60]!r}{inside}")

@@ -25,6 +25,7 @@ from typing import Any
 from indibroker.broker import wire
 from indibroker.broker.oscalls import describe_exit, pdeathsig_prefix, reap, signal_group, spawn
 from indibroker.broker.pacing import BLOB_WINDOW
+from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
@@ -42,6 +43,7 @@ READ_SIZE = 32 * 1024  # per turn: a flooding driver cannot hold the loop longer
 BLOB_READ_SIZE = 1024 * 1024  # per turn inside one big element: it is one message, read it briskly
 DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
 DEFAULT_HANG_TIMEOUT = 60.0
+DEFAULT_UNFINISHED_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 ORPHAN_STOP_TIMEOUT = 1.0  # the arbiter died: a new instance may be starting, so be gone at once
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, before drivers define again
@@ -59,6 +61,7 @@ class DriverSpec:
     queue_bytes: int = DEFAULT_QUEUE_BYTES
     hang_timeout: float = DEFAULT_HANG_TIMEOUT
     max_element: int = DEFAULT_MAX_ELEMENT
+    unfinished_timeout: float = DEFAULT_UNFINISHED_TIMEOUT
     snoop_messages: bool = True
     stopped: bool = False  # an operator stopped it: a restarted worker leaves it stopped
 
@@ -71,6 +74,7 @@ class DriverSpec:
             queue_bytes=int(data.get("queue_bytes", DEFAULT_QUEUE_BYTES)),
             hang_timeout=float(data.get("hang_timeout", DEFAULT_HANG_TIMEOUT)),
             max_element=int(data.get("max_element", DEFAULT_MAX_ELEMENT)),
+            unfinished_timeout=float(data.get("unfinished_timeout", DEFAULT_UNFINISHED_TIMEOUT)),
             snoop_messages=bool(data.get("snoop_messages", True)),
             stopped=bool(data.get("stopped", False)),
         )
@@ -91,8 +95,9 @@ class Driver:
         self.stuck_since: float | None = None  # since when waiting input has not moved
         self.progress_mark = 0  # stdin.written when last checked
         self.dropped_commands = 0
-        self.dropped_logged = -1e9
         self.malformed = 0
+        self.last_read = 0.0  # monotonic: when its stdout last gave bytes, or reading resumed
+        self.unfinished_timer: Timer | None = None  # armed while an element is half-read
         # BLOB pacing (broker/pacing.py): its BLOBs are held back while every client that wants
         # them is full, or while too many of them are on their way; at most MAX_PAUSE. While one
         # is held its stdout is not read (the driver waits on its pipe).
@@ -173,6 +178,7 @@ class ExDriverWorker(Worker):
             self.drivers[driver_spec.name] = Driver(driver_spec, self.log_dir)
         self._pdeathsig = pdeathsig_prefix()
         self._watchdog_armed = False
+        self._warn = RateLimitedLog(log)
         super().__init__(spec)
 
     # -- worker hooks -----------------------------------------------------------------------
@@ -307,6 +313,9 @@ class ExDriverWorker(Worker):
             return
         self._drain_stdout(driver)
         self._reset_pacing(driver)
+        if driver.unfinished_timer is not None:
+            driver.unfinished_timer.cancel()
+            driver.unfinished_timer = None
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 self.reactor.forget(stream.fileno())
@@ -400,6 +409,7 @@ class ExDriverWorker(Worker):
             driver.read_stdout = None
             driver.reading = False
             return
+        driver.last_read = time.monotonic()
         self._feed(driver, data)
 
     def _drain_stdout(self, driver: Driver) -> None:
@@ -418,11 +428,10 @@ class ExDriverWorker(Worker):
 
     def _feed(self, driver: Driver, data: bytes) -> None:
         elements = driver.decoder.feed(data)
-        if driver.decoder.faults:
-            driver.malformed += len(driver.decoder.faults)
-            log.warning("driver %s sent bad XML, skipped (%d so far): %s", driver.name, driver.malformed,
-                        "; ".join(driver.decoder.faults[:3]))
-            driver.decoder.faults.clear()
+        self._report_faults(driver)
+        if driver.decoder.pending_bytes and driver.unfinished_timer is None:
+            driver.unfinished_timer = self.reactor.call_later(
+                driver.spec.unfinished_timeout, lambda: self._unfinished_due(driver))
         held = driver.held
         for element in elements:
             if held or driver.waits(element):
@@ -431,6 +440,31 @@ class ExDriverWorker(Worker):
                 self._from_driver(driver, element)
         if held and driver.reading:
             self._read_or_not(driver)
+
+    def _report_faults(self, driver: Driver) -> None:
+        """What the decoder skipped (bad XML, an element cut short): logged, rate-limited."""
+        faults = driver.decoder.faults
+        if faults:
+            driver.malformed += len(faults)
+            self._warn.warning(("bad XML", driver.name), "driver %s sent bad XML, skipped (%d so far): %s",
+                               driver.name, driver.malformed, "; ".join(faults[:3]))
+            faults.clear()
+
+    def _unfinished_due(self, driver: Driver) -> None:
+        """An element the driver began has had no byte for `unfinished_timeout` while we were
+        reading: it will not be finished (a new element would have resynchronised the decoder
+        already). Skip it, so that its bytes are not held forever, and say so."""
+        driver.unfinished_timer = None
+        if driver.proc is None or not driver.decoder.pending_bytes:
+            return
+        timeout = driver.spec.unfinished_timeout
+        idle = time.monotonic() - driver.last_read
+        if driver.reading and idle >= timeout:
+            driver.decoder.abandon(f"no more of it for {idle:.0f} s")
+            self._report_faults(driver)
+            return
+        wait = timeout - idle if driver.reading else timeout  # paced by us: not its fault
+        driver.unfinished_timer = self.reactor.call_later(max(wait, 0.05), lambda: self._unfinished_due(driver))
 
     def _stderr(self, driver: Driver) -> None:
         proc = driver.proc
@@ -556,6 +590,7 @@ class ExDriverWorker(Worker):
         assert proc is not None and proc.stdout is not None
         if reading:
             assert driver.read_stdout is not None
+            driver.last_read = time.monotonic()  # its silence while we did not read is ours
             self.reactor.add_reader(proc.stdout.fileno(), driver.read_stdout)
         else:
             self.reactor.forget(proc.stdout.fileno())
@@ -586,11 +621,8 @@ class ExDriverWorker(Worker):
             return
         if driver.stdin.bytes + len(data) > driver.spec.queue_bytes:
             driver.dropped_commands += 1
-            now = time.monotonic()
-            if now - driver.dropped_logged >= 5.0:
-                driver.dropped_logged = now
-                log.warning("driver %s is not reading its input: %d message(s) dropped",
-                            driver.name, driver.dropped_commands)
+            self._warn.warning(("not reading", driver.name), "driver %s is not reading its input: %d message(s) "
+                               "dropped", driver.name, driver.dropped_commands)
             return
         was_empty = not driver.stdin
         driver.stdin.push(data)
