@@ -7,6 +7,7 @@ broker's socket with the same identity and took its route: the new instance serv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -14,10 +15,10 @@ import time
 from pathlib import Path
 
 import psutil
-
-from support import Broker, RawClient, alive, free_port, wait_until
+from support import Broker, IndiServer, RawClient, alive, free_port, member, wait_until
 
 DRIVERS = Path(__file__).parent / "drivers"
+SCRIPTS = Path(__file__).parent / "pyscripts"
 
 
 def _serves(port: int, devices: set[str], timeout: float) -> None:
@@ -102,3 +103,42 @@ def test_old_tree_gone_within_2s_of_kill9_even_if_a_driver_ignores_sigterm(tmp_p
         wait_until(lambda: not alive(tree), 2.0, interval=0.02,
                    what=f"the old tree to go: {[p.name() for p in alive(tree)]}")
         assert time.monotonic() - killed < 2.0
+
+
+def _value_of(client: RawClient, device: str) -> float | None:
+    """The latest VALUE.V the client was sent for `device` (by a def or a set)."""
+    latest = None
+    for e in client.elements:
+        if e.get("device") == device and e.get("name") == "VALUE" and e.tag.endswith("NumberVector"):
+            latest = float(member(e, "V"))
+    return latest
+
+
+def test_broker_restart_converges_every_kind_of_driver(tmp_path, monkeypatch):
+    """Values a driver sends while the broker is down are lost on the way; after the restart the
+    drivers define again, so every client still ends with the current values: an executable
+    driver, a Python driver and a remote server's driver alike. Clients are told."""
+    trig = tmp_path / "trig"
+    trig.mkdir()
+    monkeypatch.setenv("TRIGGER_DIR", str(trig))
+    monkeypatch.setenv("TRIGGER_DEVICE", "Remote")
+    devices = ("Local", "PyTrigger", "Remote")
+    with IndiServer(str(DRIVERS / "trigger.py")) as remote:
+        b = Broker("--exdriver", f"{sys.executable} {DRIVERS / 'trigger.py'} Local",
+                   "--driver", "trigger_py:make", "--remote", f"localhost:{remote.port}",
+                   log_dir=tmp_path, runtime_dir=tmp_path / "run",
+                   env={"PYTHONPATH": str(SCRIPTS)})
+        with b, contextlib.closing(RawClient(b.port)) as c:
+            c.send('<getProperties version="1.7"/>')
+            wait_until(lambda: c.pump(0.1) >= 0 and all(_value_of(c, d) == 0 for d in devices), 20,
+                       what="every device defined")
+            broker = b.row("broker")["pid"]
+            os.kill(broker, signal.SIGKILL)
+            for device in devices:  # each driver sends its one change while the broker is down
+                (trig / device).write_text("7")
+            wait_until(lambda: c.pump(0.1) >= 0 and all(_value_of(c, d) == 7 for d in devices), 15,
+                       what=f"every client value to converge: {[_value_of(c, d) for d in devices]}\n{b.log()}")
+            told = [e for e in c.elements if e.tag == "message" and "restart" in (e.get("message") or "")]
+            assert told, "clients were not told of the broker's restart"
+            assert b.row("broker")["pid"] != broker
+            assert not c.closed

@@ -5,14 +5,23 @@ XML is parsed once here; what the broker sends back is written to every interest
 same bytes (no re-serialising). Each client has its own byte-accounted queue, so a slow client
 loses its streaming BLOBs past one threshold and its connection past another, and never makes
 anyone else wait. Bad input drops the offending client alone.
+
+Two limits hold for the gateway as a whole. Unfinished input: what all clients together hold of
+elements not yet complete is bounded (`max_partial_bytes`); past it, the client holding the most
+is dropped. File descriptors: a client never takes one of the last few (`FD_HEADROOM`, kept for
+the gateway's own status files, slot locks and backbone), and when accept() fails for want of a
+descriptor a reserve one is spent on refusing the waiting connection, so the listener never spins
+and no connection waits unanswered.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import random
+import resource
 import socket
 import time
 from pathlib import Path
@@ -21,6 +30,7 @@ from typing import Any
 from indibroker.broker import wire
 from indibroker.broker.errors import MalformedInput
 from indibroker.broker.pacing import BLOB_WINDOW
+from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.codec import Element, StreamDecoder
@@ -40,7 +50,39 @@ DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
 GETP_COALESCE = 2.0  # seconds a getProperties waiting for its first answer stands for others
 ASKED_MAX = 1024  # pending questions remembered before stale ones are forgotten
 ADMIT_GRACE = 0.5  # seconds a connection over maxconnections waits for a slot before refusal
+RESTART_NOTICE_GAP = 5.0  # seconds: one notice to clients per broker restart
 MOVING = 1.0  # seconds since a client last took bytes for it to count as draining (BLOB pacing)
+DEFAULT_MAX_PARTIAL_BYTES = 64 * 1024 * 1024  # unfinished input held for all clients together
+ACCEPTS_PER_TURN = 64  # then let the clients have their turn
+FD_HEADROOM = 16  # descriptors below the limit never given to a client (at most an eighth of it)
+ACCEPT_PAUSE = 0.25  # seconds the listener is left alone when not even a refusal is possible
+WARN_INTERVAL = 5.0  # seconds between two log lines of the same kind a peer can make repeat
+_NO_FDS = (errno.EMFILE, errno.ENFILE)
+# accept() errors that concern only the connection being accepted: take the next one.
+_ACCEPT_SKIP = (errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH)
+NO_FDS_TEXT = "indibroker: server out of file descriptors; connection refused"
+
+
+def pending_bytes(decoder: StreamDecoder) -> int:
+    """What a client's decoder holds of an unfinished element."""
+    return decoder.pending_bytes
+
+
+def fd_ceiling() -> int:
+    """The lowest descriptor a client may not have: the limit less a little headroom."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1 << 62
+    return soft - min(FD_HEADROOM, soft // 8)
+
+
+def open_reserve() -> int:
+    """A spare descriptor to close when the table is full (-1 if even that is not to be had)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 class ConnectionSlots:
@@ -60,12 +102,15 @@ class ConnectionSlots:
         start = random.randrange(self.count)
         for i in range(self.count):
             path = self.directory / str((start + i) % self.count)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # may raise EMFILE
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return fd
             except BlockingIOError:
                 os.close(fd)
+            except OSError:
+                os.close(fd)
+                raise
         return None
 
 
@@ -74,7 +119,7 @@ class Client:
     idle client), and what it is owed."""
 
     __slots__ = ("fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
-                 "write_dead", "slot", "dirty")
+                 "write_dead", "slot", "dirty", "partial")
 
     def __init__(self, fd: int, peer: str):
         self.fd = fd
@@ -87,6 +132,7 @@ class Client:
         self.write_dead = False  # the peer stopped reading (EPIPE): still read what it sent
         self.slot = -1  # its ConnectionSlots lock, when maxconnections is set
         self.dirty = False  # has output queued since the last flush of this turn
+        self.partial = 0  # bytes its decoder holds of an unfinished element (counted in the total)
 
 
 def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
@@ -122,23 +168,32 @@ class Gateway(Worker):
         # Room for the next BLOB, for pacing: below the drop threshold by what may be in flight.
         self.blob_room = max(0, self.blob_drop_bytes - BLOB_WINDOW)
         self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
+        self.max_partial_bytes = int(spec.get("max_partial_bytes", DEFAULT_MAX_PARTIAL_BYTES))
+        self.partial_total = 0  # sum of every client's `partial`, kept as reads are fed
         self.listener: socket.socket | None = None
+        self._reserve = -1  # the spare descriptor spent on refusing a connection at EMFILE
+        self._accept_paused = False
+        self.refused_no_fds = 0  # connections refused for want of descriptors, in all
+        self._refused_unreported = 0  # ... since "accepting again" was last said
+        self._warn = RateLimitedLog(log, WARN_INTERVAL)
         self._dirty: list[Client] = []
         self._asked: dict[tuple[str, str], float] = {}  # getProperties sent, no definition back yet
         self._full: dict[str, str] = {}  # device -> BLOB property we said FULL for (broker/pacing.py)
         self._opener: dict[str, tuple[Client, int]] = {}  # device -> first with room, and when to open
+        self._told_restart = -RESTART_NOTICE_GAP
         self._rbuf = bytearray(READ_SIZE)
         self._rbuf_view = memoryview(self._rbuf)
         # One bound method each, shared by every client's registration (the reactor passes the fd).
         self._on_client_read = self._client_readable
         self._on_client_write = self._client_writable
         super().__init__(spec)
-        self.slots = (ConnectionSlots(self.runtime.path / "slots", self.maxconnections)
+        self.slots = (ConnectionSlots(self.runtime.slots_dir, self.maxconnections)
                       if self.maxconnections else None)
 
     # -- lifecycle --------------------------------------------------------------------------
     def setup(self) -> None:
         self.listener = listen(self.spec.get("host", "localhost"), int(self.spec["port"]))
+        self._reserve = open_reserve()
         self.reactor.add_reader(self.listener.fileno(), lambda _fd: self._accept())
         log.info("%s listening on %s", self.name, self.listener.getsockname()[:2])
 
@@ -146,11 +201,27 @@ class Gateway(Worker):
         if self.listener is not None:
             self.reactor.forget(self.listener.fileno())
             self.listener.close()
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
         for client in list(self.clients.values()):
             self._drop(client, "server stopping", level=logging.DEBUG)
 
     def interests(self) -> list[tuple[str, str, int]]:
         return sorted(union(c.interest for c in self.clients.values()))
+
+    def registered_again(self) -> None:
+        """The broker restarted: what was on its way through it is lost. The drivers define
+        their properties again (current values); clients are told why they see them twice.
+        Once per restart, though both the broker (WHO) and the arbiter (hello) may ask."""
+        now = time.monotonic()
+        if now - self._told_restart < RESTART_NOTICE_GAP:
+            return
+        self._told_restart = now
+        notice = indi.message("indibroker: message routing restarted; updates sent in the last moment "
+                              "may be lost, current values follow")
+        for client in list(self.clients.values()):
+            self._deliver(client, notice, False)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -160,30 +231,124 @@ class Gateway(Worker):
 
     # -- connections ------------------------------------------------------------------------
     def _accept(self) -> None:
-        assert self.listener is not None
-        while True:
+        listener = self.listener
+        assert listener is not None
+        ceiling = fd_ceiling()
+        for _ in range(ACCEPTS_PER_TURN):  # level-triggered: the rest wait for the next turn
             try:
-                sock, addr = self.listener.accept()
+                sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if exc.errno in _NO_FDS:
+                    if self._refuse_with_reserve():
+                        continue
+                    return
+                if exc.errno in _ACCEPT_SKIP:  # that connection only
+                    continue
+                # Anything else may well repeat at once: leave the listener alone for a moment.
+                self._warn.warning("accept", "accept failed: %s; new connections wait %.2f s",
+                                   exc, ACCEPT_PAUSE)
+                self._pause_accepting()
                 return
-            self._admit(sock, f"{addr[0]}:{addr[1]}", time.monotonic() + ADMIT_GRACE)
+            peer = f"{addr[0]}:{addr[1]}"
+            if sock.fileno() >= ceiling:
+                # Only the last few descriptors are left: they are for the gateway's own needs
+                # (status file, slot locks, the backbone), not for one more client.
+                self._refuse_no_fds(sock, peer)
+                continue
+            self._admit(sock, peer, time.monotonic() + ADMIT_GRACE)
+
+    def _refuse_with_reserve(self) -> bool:
+        """accept() failed for want of a descriptor with a connection waiting: spend the reserve
+        on accepting it to refuse it (left waiting, it would wake the loop at once, forever).
+        True when the next waiting connection may be tried the same way."""
+        assert self.listener is not None
+        if self._reserve >= 0:
+            os.close(self._reserve)
+            self._reserve = -1
+            refused = False
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                pass  # nobody waits any more
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_SKIP:  # something else took the descriptor
+                    self._reserve = open_reserve()
+                    self._pause_accepting()
+                    return False
+            else:
+                self._refuse_no_fds(sock, f"{addr[0]}:{addr[1]}")
+                refused = True
+            self._reserve = open_reserve()
+            if self._reserve >= 0:
+                return refused
+        # No reserve to spend: stop watching the listener for a moment rather than spin on it.
+        self._warn.warning("fds-pause", "out of file descriptors, not even one to refuse a connection "
+                           "with: new connections wait %.2f s", ACCEPT_PAUSE)
+        self._pause_accepting()
+        return False
+
+    def _pause_accepting(self) -> None:
+        if self._accept_paused or self.listener is None:
+            return
+        self._accept_paused = True
+        self.reactor.forget(self.listener.fileno())
+        self.reactor.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = False
+        if self.listener is None or self.listener.fileno() < 0:
+            return
+        if self._reserve < 0:
+            self._reserve = open_reserve()
+        self.reactor.add_reader(self.listener.fileno(), lambda _fd: self._accept())
+
+    def _refuse_no_fds(self, sock: socket.socket, peer: str) -> None:
+        """Out of descriptors: say so in INDI if the socket takes it at once, and close."""
+        self.refused_no_fds += 1
+        self._refused_unreported += 1
+        self._warn.warning("fds", "out of file descriptors (limit %d, %d clients): refusing new "
+                           "connections (%s; %d refused in all)",
+                           resource.getrlimit(resource.RLIMIT_NOFILE)[0], len(self.clients), peer,
+                           self.refused_no_fds)
+        try:
+            sock.setblocking(False)
+            sock.send(indi.message(NO_FDS_TEXT))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        sock.close()
 
     def _admit(self, sock: socket.socket, peer: str, deadline: float) -> None:
         """Take a connection slot; when all are taken, wait a moment (a client that has just
         closed may not have been noticed yet), then refuse."""
         slot = -1
         if self.slots is not None:
-            taken = self.slots.take()
+            try:
+                taken = self.slots.take()
+            except OSError as exc:
+                if exc.errno in _NO_FDS:
+                    self._refuse_no_fds(sock, peer)
+                else:
+                    self._warn.warning("slots", "refused %s: no connection slot (%s)", peer, exc)
+                    sock.close()
+                return
             if taken is None:
                 if time.monotonic() < deadline:
                     self.reactor.call_later(0.05, lambda: self._admit(sock, peer, deadline))
                 else:
                     self._refuse(sock, peer)
                 return
+            if taken >= fd_ceiling():  # a slot lock must not take the last descriptors either
+                os.close(taken)
+                self._refuse_no_fds(sock, peer)
+                return
             slot = taken
+        if self._refused_unreported:
+            if self._warn.log(logging.INFO, "fds-ok", "accepting connections again (%d refused for "
+                              "want of file descriptors)", self._refused_unreported):
+                self._refused_unreported = 0
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = Client(sock.detach(), peer)
@@ -195,7 +360,8 @@ class Gateway(Worker):
 
     def _refuse(self, sock: socket.socket, peer: str) -> None:
         """Over maxconnections: say why in INDI, then close (no reset: the client reads it)."""
-        log.warning("refused %s: maxconnections (%d) reached", peer, self.maxconnections)
+        self._warn.warning("maxconnections", "refused %s: maxconnections (%d) reached", peer,
+                           self.maxconnections)
         try:
             sock.setblocking(False)
             sock.send(indi.message(f"indibroker: too many connections (maxconnections is "
@@ -209,10 +375,18 @@ class Gateway(Worker):
         if client.closed:
             return
         client.closed = True
-        log.log(level, "client %s dropped: %s", client.peer, why)
+        if level >= logging.WARNING:  # a peer can make these repeat (reconnect and do it again)
+            host = client.peer.rpartition(":")[0]
+            self._warn.log(level, (why.partition(":")[0], host), "client %s dropped: %s", client.peer, why)
+        else:
+            log.log(level, "client %s dropped: %s", client.peer, why)
         self.reactor.forget(client.fd)
         self.clients.pop(client.fd, None)
         client.out = None
+        client.decoder = None
+        if client.partial:
+            self.partial_total -= client.partial
+            client.partial = 0
         if self._full:
             self._room_for(client, gone=True)  # whatever it held up is open again
         try:
@@ -254,14 +428,37 @@ class Gateway(Worker):
                     self._from_client(client, element)
                 self._drop(client, f"malformed input: {exc}", level=logging.WARNING)
                 return
-            if not decoder.buffered:
+            held = pending_bytes(decoder)
+            if not held:
                 client.decoder = None  # nothing half-read: an idle client holds no decoder
+            grew = held > client.partial
+            if held != client.partial:
+                self.partial_total += held - client.partial
+                client.partial = held
             for element in elements:
                 self._from_client(client, element)
                 if client.closed:
                     return
+            if grew and self.partial_total > self.max_partial_bytes:
+                self._shed_partial()
+                if client.closed:
+                    return
             if n < READ_SIZE:
                 return
+
+    def _shed_partial(self) -> None:
+        """Over `max_partial_bytes` for all clients together: drop the client holding the most
+        (the scan over clients happens only here, past the limit, never per read)."""
+        while self.partial_total > self.max_partial_bytes:
+            worst = max(self.clients.values(), key=lambda c: c.partial, default=None)
+            if worst is None or not worst.partial:
+                return
+            self._warn.warning(
+                ("partial", worst.peer.rpartition(":")[0]),
+                "client %s dropped: it held %d bytes of an unfinished element, the most of any "
+                "client, and all clients together held %d, over max_partial_bytes (%d)",
+                worst.peer, worst.partial, self.partial_total, self.max_partial_bytes)
+            self._drop(worst, "unfinished input over max_partial_bytes", level=logging.DEBUG)
 
     def _from_client(self, client: Client, el: Element) -> None:
         tag = el.tag
