@@ -16,9 +16,12 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from indibroker.broker.ratelog import RateLimitedLog
+
 __all__ = ["FifoReader", "parse_line"]
 
 log = logging.getLogger(__name__)
+_warn = RateLimitedLog(log)  # whoever writes the FIFO can repeat a bad line
 
 OPTION_ENV = {"-n": "INDIDEV", "-c": "INDICONFIG", "-s": "INDISKEL", "-p": "INDIPREFIX"}
 
@@ -69,7 +72,7 @@ class FifoReader:
             try:
                 action, driver, env = parse_line(line)
             except ValueError as exc:
-                log.warning("FIFO: %s", exc)
+                _warn.warning("bad line", "FIFO: %s", exc)
                 continue
             log.info("FIFO: %s %s %s", action, driver, env or "")
             self.handler(action, driver, env)

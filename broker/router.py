@@ -36,7 +36,7 @@ def _as_bytes(payload: zmq.Frame | memoryview) -> bytes:
 class Broker:
     def __init__(self, ctx: zmq.Context, endpoint: str, instance: str = ""):
         self.instance = instance
-        self._refusals = RateLimitedLog(log, 30.0)
+        self._refusals = RateLimitedLog(log, 30.0)  # what a misbehaving peer can repeat
         self.table = RoutingTable()
         self.pacing = BlobPacing()
         self.sock = ctx.socket(zmq.ROUTER)
@@ -106,7 +106,7 @@ class Broker:
             if verb == wire.DEF and device:
                 previous = table.claim(ident, device)
                 if previous is not None:
-                    log.warning("device %r moved from %s to %s", device,
+                    self._refusals.warning(("moved", device), "device %r moved from %s to %s", device,
                                 table.peers[previous].name if previous in table.peers else previous,
                                 table.peers[ident].name)
             elif verb == wire.DEL and device and not name:

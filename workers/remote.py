@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from indibroker.broker import wire
+from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.codec import DEFAULT_MAX_ELEMENT, Element, StreamDecoder
@@ -33,6 +34,7 @@ from indibroker.workers.reactor import Timer
 __all__ = ["RemoteBridge"]
 
 log = logging.getLogger(__name__)
+_warn = RateLimitedLog(log)  # what the remote server can make repeat
 
 READ_SIZE = 256 * 1024
 BACKOFF_INITIAL = 0.5
@@ -174,7 +176,8 @@ class RemoteBridge(Worker):
             return
         elements = self.decoder.feed(data)
         if self.decoder.faults:
-            log.warning("remote %s sent bad XML, skipped: %s", self.where, "; ".join(self.decoder.faults[:3]))
+            _warn.warning("bad XML", "remote %s sent bad XML, skipped: %s", self.where,
+                          "; ".join(self.decoder.faults[:3]))
             self.decoder.faults.clear()
         for element in elements:
             self._from_remote(element)
@@ -241,7 +244,7 @@ class RemoteBridge(Worker):
         if self.sock is None or not self.connected:
             return
         if self.upstream.bytes + len(data) > UPSTREAM_QUEUE_BYTES:
-            log.warning("remote %s is not reading: message dropped", self.where)
+            _warn.warning("not reading", "remote %s is not reading: message dropped", self.where)
             return
         was_empty = not self.upstream
         self.upstream.push(data)
