@@ -9,24 +9,25 @@ the control socket and, with `-f`, an indiserver-style FIFO.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import selectors
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from indibroker.broker.config import MB, Config, DriverConfig, driver_name
+from indibroker.broker.config import Config, DriverConfig, driver_name
 from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
-from indibroker.broker.oscalls import describe_exit, fork_child, reap, signal_group, spawn
+from indibroker.broker.oscalls import describe_exit, fork_child, reap, signal_group
 from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, RuntimeDir, status_age
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
+from indibroker.workers.settings import DriverSettings, ExDriverSettings, Inheritance, WorkerSettings
 
 __all__ = ["Arbiter", "Child"]
 
@@ -42,15 +43,25 @@ WORKER_POLICY = RestartPolicy(max_restarts=1000, backoff_initial=0.2, backoff_ma
 class Child:
     """One supervised worker process (or the broker)."""
 
-    name: str
-    role: str  # broker, gateway, exdriver
-    spec: dict[str, Any]
+    role: str  # broker, gateway, exdriver, remote
+    settings: WorkerSettings
+    drivers: list[DriverSettings] = field(default_factory=list)  # an exdriver worker's, as they stand
+    inheritance: Inheritance = field(default_factory=Inheritance)  # told to its next start
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(WORKER_POLICY))
     proc: Any = None  # subprocess.Popen
     lifeline: int = -1  # our write end of its lifeline pipe
     started_wall: float | None = None
     restart_at: float | None = None
 
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def settings_now(self) -> WorkerSettings:
+        """Its settings for a start now (an exdriver worker's drivers change at run time)."""
+        if isinstance(self.settings, ExDriverSettings):
+            return dataclasses.replace(self.settings, drivers=tuple(self.drivers))
+        return self.settings
 
     def tell(self, command: dict[str, Any]) -> None:
         if self.lifeline >= 0:
@@ -61,9 +72,8 @@ class Child:
 
 
 class Arbiter:
-    def __init__(self, config: Config, runtime: RuntimeDir, fork_workers: bool = True):
+    def __init__(self, config: Config, runtime: RuntimeDir):
         self.config = config
-        self.fork_workers = fork_workers
         self.runtime = runtime
         self.children: list[Child] = []
         self._sel = selectors.DefaultSelector()
@@ -79,38 +89,26 @@ class Arbiter:
     # -- the process tree -------------------------------------------------------------------
     def _build_children(self) -> None:
         cfg = self.config
-        self.children.append(Child("broker", "broker", {"name": "broker", "liveness": cfg.worker_liveness}))
+        self.children.append(Child("broker", cfg.broker_settings()))
         drivers = list(cfg.drivers)
         if not drivers and not cfg.remotes and cfg.demo and not cfg.fifo:
             drivers.append(DriverConfig(argv=[sys.executable, "-P", "-m", "indibroker.workers.demo"],
                                         name="demo"))
         for i in range(max(1, cfg.gateways)):
-            self.children.append(Child(f"gateway-{i}", "gateway", {
-                "name": f"gateway-{i}", "host": cfg.host, "port": cfg.port, "liveness": cfg.worker_liveness,
-                "maxconnections": cfg.maxconnections,
-                "blob_drop_bytes": int(cfg.blob_drop_mb * MB),
-                "max_queue_bytes": int(cfg.client_max_mb * MB),
-                "max_element": int(cfg.client_max_element_mb * MB),
-                "max_partial_bytes": int(cfg.gateway_max_partial_mb * MB),
-            }))
+            self.children.append(Child("gateway", cfg.gateway_settings(i)))
         for remote in cfg.remotes:
-            self.children.append(Child(remote.name, "remote",
-                                       {**remote.to_spec(), "liveness": cfg.worker_liveness}))
+            self.children.append(Child("remote", remote.settings(cfg)))
         groups = max(1, min(cfg.exdriver_workers, len(drivers)))
         for i in range(groups if drivers else 0):
             self._new_exdriver_worker(i)
         for n, driver in enumerate(drivers):
-            worker = self._exdriver_workers()[n % groups]
-            worker.spec["drivers"].append(driver.to_spec(cfg))
+            self._exdriver_workers()[n % groups].drivers.append(driver.settings(cfg))
 
     def _exdriver_workers(self) -> list[Child]:
         return [c for c in self.children if c.role == "exdriver"]
 
     def _new_exdriver_worker(self, index: int) -> Child:
-        child = Child(f"exdriver-{index}", "exdriver", {
-            "name": f"exdriver-{index}", "drivers": [], "log_dir": self.config.log_dir,
-            "liveness": self.config.worker_liveness,
-        })
+        child = Child("exdriver", self.config.exdriver_settings(index, []))
         self.children.append(child)
         return child
 
@@ -120,16 +118,12 @@ class Arbiter:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         env = {**self.runtime.env(), ENV_LIFELINE: str(read_end),
                ENV_LOGLEVEL: str(logging.getLevelName(self.config.log_level.upper()))}
-        try:
-            if self.fork_workers:
-                from indibroker.workers.__main__ import run_role
+        from indibroker.workers.__main__ import run_role
 
-                spec = json.dumps(child.spec)
-                child.proc = fork_child(lambda: run_role(child.role, spec), env, keep_fds=[read_end],
-                                        name=f"ib-{child.name}")
-            else:
-                argv = [sys.executable, "-m", "indibroker.workers", child.role, json.dumps(child.spec)]
-                child.proc = spawn(argv, env=env, pass_fds=[read_end])
+        settings, inheritance = child.settings_now(), child.inheritance
+        try:
+            child.proc = fork_child(lambda: run_role(child.role, settings, inheritance), env,
+                                    keep_fds=[read_end], name=f"ib-{child.name}")
         except OSError as exc:
             os.close(read_end)
             os.close(write_end)
@@ -137,7 +131,7 @@ class Arbiter:
             self._exited(child, f"cannot start: {exc}")
             return
         os.close(read_end)
-        child.spec.pop("orphaned", None)  # told once, to the worker just started
+        child.inheritance = dataclasses.replace(inheritance, orphaned=())  # told once, to the worker just started
         child.lifeline = write_end
         child.started_wall = time.time()
         child.lifecycle.spawned(time.monotonic())
@@ -181,7 +175,7 @@ class Arbiter:
             if isinstance(pid, int) and pid > 1:
                 if signal_group(pid, signal.SIGKILL):
                     log.info("killed driver %s (pid %d) left by %s", driver.get("name"), pid, child.name)
-        child.spec["orphaned"] = sorted(set(orphaned))
+        child.inheritance = dataclasses.replace(child.inheritance, orphaned=tuple(sorted(set(orphaned))))
 
     def _check_liveness(self) -> None:
         """A worker alive but silent (hung in a loop, stopped) is killed; its exit restarts it."""
@@ -229,7 +223,7 @@ class Arbiter:
     def stop_all(self) -> None:
         """Gateways first (no new work), then drivers, the broker last; SIGTERM, wait, SIGKILL."""
         self._stopping = True
-        for roles in (("gateway",), ("exdriver", "pydriver", "remote"), ("broker",)):
+        for roles in (("gateway",), ("exdriver", "remote"), ("broker",)):
             group = [c for c in self.children if c.role in roles and c.proc is not None]
             for child in group:
                 child.lifecycle.stop()
@@ -261,11 +255,11 @@ class Arbiter:
                                         request.get("argv"), request.get("env") or {})
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
-    def _find_driver(self, name: str) -> tuple[Child, dict[str, Any]] | None:
+    def _find_driver(self, name: str) -> tuple[Child, DriverSettings] | None:
         for child in self._exdriver_workers():
-            for spec in child.spec["drivers"]:
-                if spec["name"] == name or os.path.basename(spec["argv"][0]) == name:
-                    return child, spec
+            for driver in child.drivers:
+                if driver.name == name or os.path.basename(driver.argv[0]) == name:
+                    return child, driver
         return None
 
     def _driver_command(self, action: str, name: str, argv: list[str] | None,
@@ -274,28 +268,31 @@ class Arbiter:
         if action == "start" and found is None:
             if not argv:
                 return {"ok": False, "error": f"no driver named {name!r}"}
-            taken = {s["name"] for c in self._exdriver_workers() for s in c.spec["drivers"]}
+            taken = {d.name for c in self._exdriver_workers() for d in c.drivers}
             config = DriverConfig(argv=list(argv), env=dict(env))
             config.name = driver_name(config.argv, config.env, taken)  # INDIDEV (-n), else the program
-            spec = config.to_spec(self.config)
+            driver = config.settings(self.config)
             workers = self._exdriver_workers()
             if not workers:
                 worker = self._new_exdriver_worker(0)
-                worker.spec["drivers"].append(spec)
+                worker.drivers.append(driver)
                 self._start(worker)
             else:
-                worker = min(workers, key=lambda c: len(c.spec["drivers"]))
-                worker.spec["drivers"].append(spec)
-                worker.tell({"cmd": "driver", "action": "add", "spec": spec})
-            return {"ok": True, "name": spec["name"]}
+                worker = min(workers, key=lambda c: len(c.drivers))
+                worker.drivers.append(driver)
+                worker.tell({"cmd": "driver", "action": "add", "settings": driver.to_dict()})
+            return {"ok": True, "name": driver.name}
         if found is None:
             return {"ok": False, "error": f"no driver named {name!r}"}
-        worker, spec = found
+        worker, driver = found
         if action not in ("start", "stop", "restart"):
             return {"ok": False, "error": f"unknown driver action {action!r}"}
-        spec["stopped"] = action == "stop"
-        worker.tell({"cmd": "driver", "action": action, "name": spec["name"]})
-        return {"ok": True, "name": spec["name"]}
+        stopped = worker.inheritance.stopped - {driver.name}
+        if action == "stop":
+            stopped |= {driver.name}
+        worker.inheritance = dataclasses.replace(worker.inheritance, stopped=stopped)
+        worker.tell({"cmd": "driver", "action": action, "name": driver.name})
+        return {"ok": True, "name": driver.name}
 
     def status(self) -> list[dict[str, Any]]:
         files = self.runtime.read_status()
@@ -366,7 +363,7 @@ class Arbiter:
         log.info("indibroker serving on %s:%d (%d gateway(s), %d driver(s)); runtime %s",
                  self.config.host, self.config.port,
                  sum(c.role == "gateway" for c in self.children),
-                 sum(len(c.spec.get("drivers", [])) for c in self.children), self.runtime.path)
+                 sum(len(c.drivers) for c in self.children), self.runtime.path)
         try:
             while not self._stopping:
                 timeout = self._restart_due()
@@ -411,23 +408,11 @@ class Arbiter:
         name = env.get("INDIDEV", "")
         if action == "start":
             found = self._find_driver(name or driver)
-            if found is not None and found[1]["argv"][0] == driver:
-                reply = self._driver_command("start", found[1]["name"], None, {})
+            if found is not None and found[1].argv[0] == driver:
+                reply = self._driver_command("start", found[1].name, None, {})
             else:
                 reply = self._driver_command("start", name, [driver], env)
         else:
             reply = self._driver_command("stop", name or os.path.basename(driver), None, {})
         if not reply.get("ok"):
             log.warning("FIFO %s %s: %s", action, driver, reply.get("error"))
-
-
-def wait_for_port(host: str, port: int, timeout: float) -> bool:
-    """Used by the CLI to say "ready" only once a client could connect."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host or "127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.1)
-    return False

@@ -16,6 +16,14 @@ from typing import Any
 
 from indibroker.broker.errors import ConfigError
 from indibroker.broker.supervision import RestartPolicy
+from indibroker.workers.codec import DEFAULT_MAX_ELEMENT
+from indibroker.workers.settings import (
+    BrokerSettings,
+    DriverSettings,
+    ExDriverSettings,
+    GatewaySettings,
+    RemoteSettings,
+)
 
 __all__ = ["Config", "DriverConfig", "RemoteConfig", "load_toml", "default_gateways", "driver_name"]
 
@@ -47,15 +55,14 @@ class DriverConfig:
             raise ConfigError(f"python driver {spec!r}: expected package.module:attribute")
         return cls(argv=argv_for(spec), name=name or spec.rpartition(":")[2], snoop_messages=False, **kw)
 
-    def to_spec(self, config: Config) -> dict[str, Any]:
-        restart = {**config.restart, **self.restart}
-        return {
-            "name": self.name, "argv": self.argv, "env": self.env, "restart": restart,
-            "queue_bytes": int(config.driver_queue_mb * MB), "hang_timeout": config.hang_timeout,
-            "snoop_messages": self.snoop_messages,
-            "max_element": int(config.driver_max_element_mb * MB),
-            "unfinished_timeout": config.driver_unfinished_timeout,
-        }
+    def settings(self, config: Config) -> DriverSettings:
+        return DriverSettings(
+            name=self.name, argv=tuple(self.argv), env=dict(self.env),
+            policy=RestartPolicy(**{**config.restart, **self.restart}),
+            queue_bytes=int(config.driver_queue_mb * MB), hang_timeout=config.hang_timeout,
+            max_element=int(config.driver_max_element_mb * MB),
+            unfinished_timeout=config.driver_unfinished_timeout, snoop_messages=self.snoop_messages,
+        )
 
 
 @dataclass
@@ -79,9 +86,10 @@ class RemoteConfig:
         return cls(host=host, port=int(port) if colon else 7624, device=device if at else "",
                    blob_enable=blob_enable)
 
-    def to_spec(self) -> dict[str, Any]:
-        return {"name": self.name, "host": self.host, "port": self.port, "device": self.device,
-                "blob_enable": self.blob_enable, "snoop_up": self.snoop_up}
+    def settings(self, config: Config) -> RemoteSettings:
+        return RemoteSettings(name=self.name, liveness=config.worker_liveness, host=self.host, port=self.port,
+                              device=self.device, blob_enable=self.blob_enable, snoop_up=self.snoop_up,
+                              max_element=int(config.driver_max_element_mb * MB))
 
 
 @dataclass
@@ -99,7 +107,7 @@ class Config:
     client_max_element_mb: float = 16.0
     gateway_max_partial_mb: float = 64.0  # unfinished client input one gateway holds, in total
     driver_queue_mb: float = 8.0
-    driver_max_element_mb: float = 256.0
+    driver_max_element_mb: float = DEFAULT_MAX_ELEMENT / MB
     hang_timeout: float = 60.0
     driver_unfinished_timeout: float = 10.0  # an element a driver leaves unfinished this long is skipped
     worker_liveness: float = 30.0  # a worker silent this long (hung) is killed and restarted
@@ -108,6 +116,22 @@ class Config:
     log_dir: str | None = None
     log_level: str = "INFO"
     runtime_dir: str | None = None
+
+    # -- each worker's settings (the defaults above are the only ones) ------------------------
+    def broker_settings(self) -> BrokerSettings:
+        return BrokerSettings(name="broker", liveness=self.worker_liveness)
+
+    def gateway_settings(self, index: int) -> GatewaySettings:
+        return GatewaySettings(
+            name=f"gateway-{index}", liveness=self.worker_liveness, host=self.host, port=self.port,
+            maxconnections=self.maxconnections, blob_drop_bytes=int(self.blob_drop_mb * MB),
+            max_queue_bytes=int(self.client_max_mb * MB), max_element=int(self.client_max_element_mb * MB),
+            max_partial_bytes=int(self.gateway_max_partial_mb * MB),
+        )
+
+    def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:
+        return ExDriverSettings(name=f"exdriver-{index}", liveness=self.worker_liveness, drivers=tuple(drivers),
+                                log_dir=self.log_dir)
 
     def assign_names(self) -> None:
         taken: set[str] = set()

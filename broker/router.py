@@ -20,6 +20,7 @@ from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.routing import RoutingTable
 from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
+from indibroker.workers.settings import WorkerSettings
 
 __all__ = ["Broker", "main"]
 
@@ -233,7 +234,7 @@ class Broker:
         }
 
 
-def main() -> int:
+def main(settings: WorkerSettings) -> int:
     runtime = RuntimeDir.from_env()
     configure_logging("broker")
     # Signals only write to a pipe the poller watches; the loop acts on them.

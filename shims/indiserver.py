@@ -18,6 +18,7 @@ import sys
 
 from indibroker.broker.config import Config, DriverConfig, RemoteConfig
 from indibroker.broker.errors import IndibrokerError
+from indibroker.broker.supervision import RestartPolicy
 
 __all__ = ["main", "config_from_indiserver_args"]
 
@@ -25,12 +26,14 @@ __all__ = ["main", "config_from_indiserver_args"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indibroker-indiserver",
                                      description="indiserver's command line, served by indibroker")
-    parser.add_argument("-p", type=int, default=7624, dest="port", help="IP port (7624)")
-    parser.add_argument("-r", type=int, default=10, dest="restarts", help="maximum driver restarts (10)")
-    parser.add_argument("-m", type=float, default=128, dest="client_max_mb",
-                        help="kill a client this many MB behind (128)")
-    parser.add_argument("-d", type=float, default=5, dest="blob_drop_mb",
-                        help="drop streaming BLOBs for a client this many MB behind (5)")
+    # indiserver's defaults are ours (Config, RestartPolicy): taken from there, not restated.
+    parser.add_argument("-p", type=int, default=Config.port, dest="port", help=f"IP port ({Config.port})")
+    parser.add_argument("-r", type=int, default=RestartPolicy.max_restarts, dest="restarts",
+                        help=f"maximum driver restarts ({RestartPolicy.max_restarts})")
+    parser.add_argument("-m", type=float, default=Config.client_max_mb, dest="client_max_mb",
+                        help=f"kill a client this many MB behind ({Config.client_max_mb:g})")
+    parser.add_argument("-d", type=float, default=Config.blob_drop_mb, dest="blob_drop_mb",
+                        help=f"drop streaming BLOBs for a client this many MB behind ({Config.blob_drop_mb:g})")
     parser.add_argument("-f", dest="fifo", help="FIFO for dynamic start and stop of drivers")
     parser.add_argument("-l", dest="log_dir", help="directory for driver logs")
     parser.add_argument("-u", dest="unix_socket", help="ignored (indiserver's local socket path)")

@@ -1,14 +1,13 @@
-"""Entry point of every child process: ``python -m indibroker.workers KIND '<json spec>'``.
+"""Entry point of every worker process: `run_role`, called in a child the arbiter forked.
 
-The arbiter normally forks its workers from itself (see `broker.arbiter`), calling `run_role`
-directly; this entry runs one by hand. Module loggers stay named after their modules.
+Workers are forked from the preloaded arbiter (see `broker.arbiter`), which hands each one its
+typed settings and what it inherits from its predecessor; nothing is serialised on the way.
 """
 
 from __future__ import annotations
 
-import sys
-
 from indibroker.broker.oscalls import keep_big_buffers
+from indibroker.workers.settings import Inheritance, WorkerSettings
 
 
 def preload() -> None:
@@ -19,12 +18,12 @@ def preload() -> None:
     import indibroker.workers.remote  # noqa: F401
 
 
-def run_role(kind: str, spec: str) -> int:
+def run_role(kind: str, settings: WorkerSettings, inheritance: Inheritance) -> int:
     keep_big_buffers()
     if kind == "broker":
         from indibroker.broker.router import main as broker_main
 
-        return broker_main()
+        return broker_main(settings)
     from indibroker.workers.base import Worker
 
     worker: type[Worker]
@@ -41,17 +40,5 @@ def run_role(kind: str, spec: str) -> int:
 
         worker = RemoteBridge
     else:
-        sys.stderr.write(f"unknown worker kind {kind!r}\n")
-        return 2
-    return worker.main(spec)
-
-
-def main() -> int:
-    if len(sys.argv) < 2:
-        sys.stderr.write("usage: python -m indibroker.workers KIND '<json spec>'\n")
-        return 2
-    return run_role(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "{}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise ValueError(f"unknown worker kind {kind!r}")
+    return worker.main(settings, inheritance)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import zmq
 
@@ -22,7 +23,7 @@ from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
 from indibroker.workers.reactor import Reactor
 
-__all__ = ["Backbone", "HEARTBEAT_INTERVAL"]
+__all__ = ["Backbone", "BackboneLink", "HEARTBEAT_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,21 @@ LIVENESS = 3  # intervals without a word from the broker before we say HELLO aga
 MessageHandler = Callable[[bytes, str, str, bytes, bytes], None]
 BATCH = 512  # messages per ZeroMQ message at most
 HEADER_CACHE = 4096
+
+
+class BackboneLink(Protocol):
+    """What a worker uses of its backbone; `Backbone` is the real one, tests/fakes.py a fake."""
+
+    def send(self, verb: bytes, device: str = "", name: str = "", flags: bytes = b"",
+             payload: bytes = b"") -> None: ...
+
+    def update_interests(self) -> None: ...
+
+    def hello(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Backbone:

@@ -1,9 +1,13 @@
-"""What every worker process shares: start-up from a JSON spec, the lifeline, signals, status.
+"""What every worker process shares: settings, the backbone, the lifeline, signals, status.
 
-The arbiter starts a worker as ``python -m indibroker.workers.<kind> '<json spec>'`` with the
-runtime directory and the read end of a pipe in its environment. That pipe is the lifeline: EOF on
-it means the arbiter has died (even by SIGKILL), and the worker exits at once after stopping what
-it owns, so nothing is ever orphaned. The arbiter also writes commands down it, one JSON per line.
+The arbiter forks a worker and calls `Worker.main(settings, inheritance)` in it, with the runtime
+directory and the read end of a pipe in its environment. That pipe is the lifeline: EOF on it
+means the arbiter has died (even by SIGKILL), and the worker exits at once after stopping what it
+owns, so nothing is ever orphaned. The arbiter also writes commands down it, one JSON per line.
+
+Building a worker does no I/O: joining the backbone is the explicit step `connect()` (`run()`
+takes it), so a test builds a worker in-process, connects it to a fake backbone and drives its
+reactor turn by turn (tests/fakes.py).
 """
 
 from __future__ import annotations
@@ -18,15 +22,15 @@ from typing import Any
 import zmq
 
 from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
-from indibroker.workers.backbone import Backbone
+from indibroker.workers.backbone import Backbone, BackboneLink
+from indibroker.workers.linebuffer import LineBuffer
 from indibroker.workers.reactor import Reactor
+from indibroker.workers.settings import Inheritance, WorkerSettings
 
 __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 5.0
-DEFAULT_LIVENESS = 30.0  # seconds without a sign of life before the arbiter calls a worker hung
 
 
 class Worker:
@@ -35,24 +39,35 @@ class Worker:
     role = "worker"
     backbone_role = "driver"
 
-    def __init__(self, spec: dict[str, Any]):
-        self.spec = spec
-        self.name: str = spec["name"]
-        self.runtime = RuntimeDir.from_env()
-        self.reactor = Reactor()
-        self.ctx = zmq.Context()
-        self._lifeline = lifeline_fd()
-        self._command_buf = b""
+    backbone: BackboneLink
+
+    def __init__(self, settings: WorkerSettings, inheritance: Inheritance | None = None, *,
+                 runtime: RuntimeDir | None = None, reactor: Reactor | None = None):
+        self.settings = settings
+        self.inheritance = inheritance or Inheritance()
+        self.name = settings.name
+        self.runtime = runtime or RuntimeDir.from_env()
+        self.reactor = reactor or Reactor()
+        self.ctx: zmq.Context | None = None
+        self._lifeline = lifeline_fd() if runtime is None else None
+        self._commands = LineBuffer()
         self._status_written: dict[str, Any] | None = None
         self._status_timer_due = False
         self.started = time.time()
-        self.liveness = float(spec.get("liveness", DEFAULT_LIVENESS))
+        self.liveness = settings.liveness
         self.orphaned = False  # the arbiter died: stop fast, reach no broker
-        self.backbone = Backbone(
-            self.reactor, self.ctx, self.runtime.broker_endpoint, self.backbone_role, self.name,
-            self.on_backbone, self.owned_devices, self.interests, self.registered_again,
-            instance=self.runtime.instance,
-        )
+
+    def connect(self, backbone: BackboneLink | None = None) -> None:
+        """Join the backbone: the broker's (a ZeroMQ DEALER, saying HELLO at once), or the one
+        given (a test's fake)."""
+        if backbone is None:
+            self.ctx = zmq.Context()
+            backbone = Backbone(
+                self.reactor, self.ctx, self.runtime.broker_endpoint, self.backbone_role, self.name,
+                self.on_backbone, self.owned_devices, self.interests, self.registered_again,
+                instance=self.runtime.instance,
+            )
+        self.backbone = backbone
 
     # -- for subclasses ---------------------------------------------------------------------
     def setup(self) -> None: ...
@@ -114,9 +129,7 @@ class Worker:
             self.backbone.close()
             self.reactor.stop()
             return
-        self._command_buf += chunk
-        *lines, self._command_buf = self._command_buf.split(b"\n")
-        for line in lines:
+        for line in self._commands.feed(chunk):
             if line.strip():
                 try:
                     command = json.loads(line)
@@ -130,6 +143,8 @@ class Worker:
         self.reactor.stop()
 
     def run(self) -> int:
+        if not hasattr(self, "backbone"):
+            self.connect()
         if self._lifeline is not None:
             os.set_blocking(self._lifeline, False)
             self.reactor.add_reader(self._lifeline, lambda _fd: self._on_lifeline())
@@ -143,11 +158,11 @@ class Worker:
         finally:
             self.shutdown()
             self.backbone.close()
-            self.ctx.term()
+            if self.ctx is not None:
+                self.ctx.term()
         return 0
 
     @classmethod
-    def main(cls, spec_json: str) -> int:
-        spec = json.loads(spec_json)
-        configure_logging(spec.get("name", cls.role))
-        return cls(spec).run()
+    def main(cls, settings: WorkerSettings, inheritance: Inheritance) -> int:
+        configure_logging(settings.name)
+        return cls(settings, inheritance).run()

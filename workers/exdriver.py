@@ -18,7 +18,6 @@ import signal
 import subprocess
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +25,22 @@ from indibroker.broker import wire
 from indibroker.broker.oscalls import describe_exit, pdeathsig_prefix, reap, signal_group, spawn
 from indibroker.broker.pacing import BLOB_WINDOW
 from indibroker.broker.ratelog import RateLimitedLog
-from indibroker.broker.supervision import Lifecycle, RestartPolicy
+from indibroker.broker.supervision import Lifecycle
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
-from indibroker.workers.codec import DEFAULT_MAX_ELEMENT, Element, StreamDecoder
+from indibroker.workers.codec import Element, StreamDecoder
 from indibroker.workers.interest import Interest, union
 from indibroker.workers.outqueue import OutQueue
 from indibroker.workers.reactor import FdCallback, Timer
+from indibroker.workers.settings import DriverSettings, ExDriverSettings, Inheritance
 
-__all__ = ["ExDriverWorker", "DriverSpec", "Driver"]
+__all__ = ["ExDriverWorker", "Driver"]
 
 log = logging.getLogger(__name__)
 driver_log = logging.getLogger("indibroker.driver")
 
 READ_SIZE = 32 * 1024  # per turn: a flooding driver cannot hold the loop longer than this takes
 BLOB_READ_SIZE = 1024 * 1024  # per turn inside one big element: it is one message, read it briskly
-DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
-DEFAULT_HANG_TIMEOUT = 60.0
-DEFAULT_UNFINISHED_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 ORPHAN_STOP_TIMEOUT = 1.0  # the arbiter died: a new instance may be starting, so be gone at once
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, before drivers define again
@@ -52,38 +49,10 @@ MAX_PAUSE = 0.5  # seconds a driver's output may wait for BLOB clients with no r
 LOG_FILE_COUNT = 3
 
 
-@dataclass
-class DriverSpec:
-    name: str
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    policy: RestartPolicy = field(default_factory=RestartPolicy)
-    queue_bytes: int = DEFAULT_QUEUE_BYTES
-    hang_timeout: float = DEFAULT_HANG_TIMEOUT
-    max_element: int = DEFAULT_MAX_ELEMENT
-    unfinished_timeout: float = DEFAULT_UNFINISHED_TIMEOUT
-    snoop_messages: bool = True
-    stopped: bool = False  # an operator stopped it: a restarted worker leaves it stopped
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DriverSpec:
-        policy_keys = RestartPolicy.__dataclass_fields__.keys()
-        policy = RestartPolicy(**{k: v for k, v in data.get("restart", {}).items() if k in policy_keys})
-        return cls(
-            name=data["name"], argv=list(data["argv"]), env=dict(data.get("env", {})), policy=policy,
-            queue_bytes=int(data.get("queue_bytes", DEFAULT_QUEUE_BYTES)),
-            hang_timeout=float(data.get("hang_timeout", DEFAULT_HANG_TIMEOUT)),
-            max_element=int(data.get("max_element", DEFAULT_MAX_ELEMENT)),
-            unfinished_timeout=float(data.get("unfinished_timeout", DEFAULT_UNFINISHED_TIMEOUT)),
-            snoop_messages=bool(data.get("snoop_messages", True)),
-            stopped=bool(data.get("stopped", False)),
-        )
-
-
 class Driver:
     """One supervised driver process and everything we hold for it."""
 
-    def __init__(self, spec: DriverSpec, log_dir: Path | None):
+    def __init__(self, spec: DriverSettings, log_dir: Path | None):
         self.spec = spec
         self.lifecycle = Lifecycle(spec.policy)
         self.proc: subprocess.Popen | None = None
@@ -117,7 +86,8 @@ class Driver:
             self.file_log = logging.getLogger(f"indibroker.driverfile.{spec.name}")
             self.file_log.propagate = False
             handler = logging.handlers.RotatingFileHandler(
-                log_dir / f"{spec.name}.log", maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_COUNT
+                log_dir / f"{spec.name}.log", maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_COUNT,
+                delay=True,  # opened at its first line: building a worker does no I/O
             )
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             self.file_log.handlers[:] = [handler]
@@ -167,30 +137,28 @@ class Driver:
 class ExDriverWorker(Worker):
     role = "exdriver"
 
-    def __init__(self, spec: dict[str, Any]):
-        log_dir = spec.get("log_dir")
-        self.log_dir = Path(log_dir) if log_dir else None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.drivers: dict[str, Driver] = {}
-        for data in spec.get("drivers", []):
-            driver_spec = DriverSpec.from_dict(data)
-            self.drivers[driver_spec.name] = Driver(driver_spec, self.log_dir)
+    settings: ExDriverSettings
+
+    def __init__(self, settings: ExDriverSettings, inheritance: Inheritance | None = None, **kw: Any):
+        super().__init__(settings, inheritance, **kw)
+        self.log_dir = Path(settings.log_dir) if settings.log_dir else None
+        self.drivers: dict[str, Driver] = {d.name: Driver(d, self.log_dir) for d in settings.drivers}
         self._pdeathsig = pdeathsig_prefix()
         self._watchdog_armed = False
         self._warn = RateLimitedLog(log)
-        super().__init__(spec)
 
     # -- worker hooks -----------------------------------------------------------------------
     def setup(self) -> None:
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         self.reactor.on_signal(signal.SIGCHLD, self._on_sigchld)
-        for device in self.spec.get("orphaned", []):
+        for device in self.inheritance.orphaned:
             # Our predecessor died with its drivers: clients learn they are gone until restarted.
             self.backbone.send(wire.DEL, device, "", b"", indi.del_property(device))
             self.backbone.send(wire.MSG, device, "", b"", indi.message(
                 f"indibroker: the supervisor of {device}'s driver died; restarting the driver", device))
         for driver in self.drivers.values():
-            if not driver.spec.stopped:
+            if driver.name not in self.inheritance.stopped:
                 self._start(driver)
 
     def registered_again(self) -> None:
@@ -221,7 +189,7 @@ class ExDriverWorker(Worker):
             return
         action, name = command.get("action"), command.get("name", "")
         if action == "add":
-            spec = DriverSpec.from_dict(command["spec"])
+            spec = DriverSettings.from_dict(command["settings"])
             if spec.name in self.drivers and self.drivers[spec.name].running:
                 log.warning("driver %s already running", spec.name)
                 return
@@ -253,7 +221,7 @@ class ExDriverWorker(Worker):
             self._exited(driver, f"cannot start: {argv[0]!r} not found on PATH")
             return
         try:
-            proc = spawn(self._pdeathsig + argv, env=driver.spec.env, pipes=True)
+            proc = spawn([*self._pdeathsig, *argv], env=driver.spec.env, pipes=True)
         except OSError as exc:
             self._exited(driver, f"cannot start: {exc}")
             return

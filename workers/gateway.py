@@ -36,6 +36,7 @@ from indibroker.workers.base import Worker
 from indibroker.workers.codec import Element, StreamDecoder
 from indibroker.workers.interest import Interest, union
 from indibroker.workers.outqueue import OutQueue
+from indibroker.workers.settings import GatewaySettings, Inheritance
 
 __all__ = ["Gateway", "Client"]
 
@@ -44,15 +45,11 @@ log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
 READS_PER_TURN = 4  # then let other clients and the backbone have their turn
 
-DEFAULT_CLIENT_MAX_ELEMENT = 16 * 1024 * 1024
-DEFAULT_BLOB_DROP_BYTES = 5 * 1024 * 1024  # indiserver -d
-DEFAULT_MAX_QUEUE_BYTES = 128 * 1024 * 1024  # indiserver -m
 GETP_COALESCE = 2.0  # seconds a getProperties waiting for its first answer stands for others
 ASKED_MAX = 1024  # pending questions remembered before stale ones are forgotten
 ADMIT_GRACE = 0.5  # seconds a connection over maxconnections waits for a slot before refusal
 RESTART_NOTICE_GAP = 5.0  # seconds: one notice to clients per broker restart
 MOVING = 1.0  # seconds since a client last took bytes for it to count as draining (BLOB pacing)
-DEFAULT_MAX_PARTIAL_BYTES = 64 * 1024 * 1024  # unfinished input held for all clients together
 ACCEPTS_PER_TURN = 64  # then let the clients have their turn
 FD_HEADROOM = 16  # descriptors below the limit never given to a client (at most an eighth of it)
 ACCEPT_PAUSE = 0.25  # seconds the listener is left alone when not even a refusal is possible
@@ -160,15 +157,18 @@ class Gateway(Worker):
     role = "gateway"
     backbone_role = "gateway"
 
-    def __init__(self, spec: dict[str, Any]):
+    settings: GatewaySettings
+
+    def __init__(self, settings: GatewaySettings, inheritance: Inheritance | None = None, **kw: Any):
+        super().__init__(settings, inheritance, **kw)
         self.clients: dict[int, Client] = {}
-        self.max_element = int(spec.get("max_element", DEFAULT_CLIENT_MAX_ELEMENT))
-        self.blob_drop_bytes = int(spec.get("blob_drop_bytes", DEFAULT_BLOB_DROP_BYTES))
-        self.max_queue_bytes = int(spec.get("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES))
+        self.max_element = settings.max_element
+        self.blob_drop_bytes = settings.blob_drop_bytes
+        self.max_queue_bytes = settings.max_queue_bytes
         # Room for the next BLOB, for pacing: below the drop threshold by what may be in flight.
         self.blob_room = max(0, self.blob_drop_bytes - BLOB_WINDOW)
-        self.maxconnections = int(spec.get("maxconnections", 0))  # 0: unlimited
-        self.max_partial_bytes = int(spec.get("max_partial_bytes", DEFAULT_MAX_PARTIAL_BYTES))
+        self.maxconnections = settings.maxconnections  # 0: unlimited
+        self.max_partial_bytes = settings.max_partial_bytes
         self.partial_total = 0  # sum of every client's `partial`, kept as reads are fed
         self.listener: socket.socket | None = None
         self._reserve = -1  # the spare descriptor spent on refusing a connection at EMFILE
@@ -186,13 +186,12 @@ class Gateway(Worker):
         # One bound method each, shared by every client's registration (the reactor passes the fd).
         self._on_client_read = self._client_readable
         self._on_client_write = self._client_writable
-        super().__init__(spec)
         self.slots = (ConnectionSlots(self.runtime.slots_dir, self.maxconnections)
                       if self.maxconnections else None)
 
     # -- lifecycle --------------------------------------------------------------------------
     def setup(self) -> None:
-        self.listener = listen(self.spec.get("host", "localhost"), int(self.spec["port"]))
+        self.listener = listen(self.settings.host, self.settings.port)
         self._reserve = open_reserve()
         self.reactor.add_reader(self.listener.fileno(), lambda _fd: self._accept())
         log.info("%s listening on %s", self.name, self.listener.getsockname()[:2])

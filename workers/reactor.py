@@ -56,7 +56,7 @@ class Reactor:
         self._seq = itertools.count()
         self._zsock: zmq.Socket | None = None
         self._zcallback: Callback | None = None
-        self._running = False
+        self._stopped = False
         self._deferred: list[Callback] = []
         self._signals: list[int] = []
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
@@ -156,46 +156,53 @@ class Reactor:
 
     # -- the loop ---------------------------------------------------------------------------
     def stop(self) -> None:
-        self._running = False
+        self._stopped = True
 
     def run(self) -> None:
-        self._running = True
-        while self._running:
-            timeout: float | None = None
-            if self._zmq_ready() or self._signals or self._deferred:
-                timeout = 0
-            elif self._timers:
-                timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            try:
-                events = self._ep.poll(-1 if timeout is None else timeout)
-            except InterruptedError:
-                events = []
-            readers, writers = self._readers, self._writers
-            for fd, mask in events:
-                if not self._running:  # stopped by an earlier callback: accept nothing more
-                    return
-                if mask & _READ:
-                    callback = readers.get(fd)
-                    if callback is not None:
-                        callback(fd)
-                if mask & _WRITE:
-                    callback = writers.get(fd)
-                    if callback is not None:
-                        callback(fd)
-            if self._zcallback is not None and self._zmq_ready():
-                self._zcallback()
-            self._run_deferred()
-            while self._signals:
-                signum = self._signals.pop(0)
-                handler = self._signal_handlers.get(signum)
-                if handler is not None:
-                    handler(signum)
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                _, _, timer = heapq.heappop(self._timers)
-                if not timer.cancelled:
-                    timer.callback()
-            self._run_deferred()
+        self._stopped = False
+        while not self._stopped:
+            self.turn()
+
+    def turn(self, max_wait: float | None = None) -> None:
+        """One turn of the loop: wait for events (at most `max_wait` seconds, None: until one
+        comes or a timer is due), dispatch them, run the deferred callbacks, signals and due
+        timers. `run()` turns until `stop()`; a test turns it by hand (tests/fakes.py)."""
+        timeout = max_wait
+        if self._zmq_ready() or self._signals or self._deferred:
+            timeout = 0
+        elif self._timers:
+            due = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
+        try:
+            events = self._ep.poll(-1 if timeout is None else timeout)
+        except InterruptedError:
+            events = []
+        readers, writers = self._readers, self._writers
+        for fd, mask in events:
+            if self._stopped:  # stopped by an earlier callback: accept nothing more
+                return
+            if mask & _READ:
+                callback = readers.get(fd)
+                if callback is not None:
+                    callback(fd)
+            if mask & _WRITE:
+                callback = writers.get(fd)
+                if callback is not None:
+                    callback(fd)
+        if self._zcallback is not None and self._zmq_ready():
+            self._zcallback()
+        self._run_deferred()
+        while self._signals:
+            signum = self._signals.pop(0)
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                handler(signum)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback()
+        self._run_deferred()
 
     def close(self) -> None:
         self._ep.close()

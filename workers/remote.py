@@ -27,9 +27,10 @@ from indibroker.broker import wire
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
-from indibroker.workers.codec import DEFAULT_MAX_ELEMENT, Element, StreamDecoder
+from indibroker.workers.codec import Element, StreamDecoder
 from indibroker.workers.outqueue import OutQueue
 from indibroker.workers.reactor import Timer
+from indibroker.workers.settings import Inheritance, RemoteSettings
 
 __all__ = ["RemoteBridge"]
 
@@ -47,23 +48,25 @@ class RemoteBridge(Worker):
     role = "remote"
     backbone_role = "remote"
 
-    def __init__(self, spec: dict[str, Any]):
-        self.host: str = spec["host"]
-        self.port = int(spec.get("port", 7624))
-        self.only_device: str = spec.get("device", "")
-        self.blob_enable = bool(spec.get("blob_enable", False))
-        self.snoop_up = bool(spec.get("snoop_up", True))
+    settings: RemoteSettings
+
+    def __init__(self, settings: RemoteSettings, inheritance: Inheritance | None = None, **kw: Any):
+        super().__init__(settings, inheritance, **kw)
+        self.host = settings.host
+        self.port = settings.port
+        self.only_device = settings.device
+        self.blob_enable = settings.blob_enable
+        self.snoop_up = settings.snoop_up
         self.devices: set[str] = set()
         self.sock: socket.socket | None = None
         self.connected = False
-        self.decoder = StreamDecoder(max_element=int(spec.get("max_element", DEFAULT_MAX_ELEMENT)), resync=True)
+        self.decoder = StreamDecoder(max_element=settings.max_element, resync=True)
         self.upstream = OutQueue()
         self.attempt = 0
         self.connects = 0
         self._retry: Timer | None = None
         self._recent_messages: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._down_since: float | None = None
-        super().__init__(spec)
 
     @property
     def where(self) -> str:
