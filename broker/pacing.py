@@ -14,11 +14,11 @@ every BLOB.
 
 FULL comes late, though: by the time a gateway sees its clients full, the BLOBs a driver worker
 read meanwhile are already on their way (and would be dropped on arrival). So an owner also
-keeps a window: it stops reading a driver with more than a few MB of BLOBs not yet handled by
+keeps a window: it stops reading a driver with more than BLOB_WINDOW bytes of BLOBs not yet handled by
 every gateway they went to. Gateways say DONE for each BLOB they handle (queued or dropped: they
 never wait for a client), and the broker tells the owner when a BLOB is done everywhere. That
 bounds what is in flight between processes, so memory stays bounded too. A paused owner still
-reads its driver up to the next BLOB and holds it ready (workers/exdriver.py), so a pause costs
+reads its driver up to the next BLOB and holds it ready (the driver worker), so a pause costs
 the clients no time once it ends.
 
 Pure data, no sockets, like the routing table.

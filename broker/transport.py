@@ -1,13 +1,13 @@
 """Sending and receiving a batch of frames, without pyzmq's per-frame Python overhead.
 
-`send_multipart`/`recv_multipart` cost about 4 µs per message pair, mostly enum arithmetic on
-flags and a `getsockopt(RCVMORE)` per frame; on a flood that was a third of a worker's time. These
-call the socket's compiled methods with integer flags: about 0.6 µs per pair to send. Frames of
-256 KB or more are sent without copying (a BLOB travels by reference into ZeroMQ; below that a
-copy costs less than handing the frame to pyzmq's garbage-collector thread, which took 5-7 % of a
-worker flooding 80 KB batches); the broker receives frames without copying and passes them on as
-they are; workers take their input as bytes (one copy, cheaper than a Frame object per small
-message).
+pyzmq's `send_multipart`/`recv_multipart` spend most of their time per message on enum
+arithmetic and a `getsockopt(RCVMORE)` per frame. These call the socket's compiled methods
+(`zmq.backend.Socket`, not pyzmq's public API: pyproject.toml pins the measured range and
+tests/test_transport.py fails loudly if they change) with integer flags. Frames of
+`ZERO_COPY_BYTES` or more are sent without copying (a BLOB travels by reference into ZeroMQ;
+below that a copy costs less than handing the frame to pyzmq's garbage-collector thread); the
+broker receives frames without copying and passes them on as they are; workers take their input
+as bytes (one copy, cheaper than a Frame object per small message). Figures: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ many of them between two processes whatever their number:
 - the index: one record per message, newline-separated: ``verb \\0 device \\0 name \\0 flags
   \\0 length`` (the first four fields are the message's header; names hold no NUL or newline);
 - the body: the payloads, the INDI XML exactly as it came, one after the other (lengths in the
-  index). A payload of 64 KB or more travels in a batch of its own, so that it moves by reference.
+  index). A payload of `transport.ZERO_COPY_BYTES` or more travels in a batch of its own, so that
+  it moves by reference.
 
 The broker reads the index only and never looks into a payload. Every process imports this one
 module; `WIRE_VERSION` travels in the hello so a mismatched worker is refused.
