@@ -1,4 +1,4 @@
-"""The `indibroker` command: start, status, stop, and driver control at run time."""
+"""The `indibroker` command: start, check-config, status, stop, and driver control at run time."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ log = logging.getLogger("indibroker")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="indibroker", description="An INDI server on a ZeroMQ backbone.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check-config", help="validate a TOML config file without starting anything")
+    check.add_argument("file", metavar="FILE.toml")
 
     start = sub.add_parser("start", help="run the server in the foreground (Ctrl-C or SIGTERM stops it)")
     start.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file first")
@@ -51,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-dir", dest="log_dir", help="directory for per-driver log files")
     start.add_argument("--runtime-dir", dest="runtime_dir", help="base directory for runtime state")
     start.add_argument("--no-demo", action="store_true", help="do not serve the demo driver when idle")
-    start.add_argument("-v", "--verbose", action="count", default=0)
+    start.add_argument("-v", "--verbose", action="count", default=0,
+                       help="-v events (the default), -vv and -vvv more detail (DEBUG)")
+    start.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
     for name, text in (("status", "show every process of a running instance"),
                        ("stop", "stop a running instance")):
@@ -73,6 +79,15 @@ def _instance_args(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--runtime-dir", dest="runtime_dir", help="base directory for runtime state")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("indibroker")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     config = load_toml(args.config) if args.config else Config()
     for key in ("host", "port", "gateways", "maxconnections", "blob_drop_mb", "client_max_mb",
@@ -80,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
+            config.sources[key] = "--" + key.replace("_", "-")
     if args.max_restarts is not None:
         config.restart["max_restarts"] = args.max_restarts
     for command in args.exdriver:
@@ -93,12 +109,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.drivers.append(DriverConfig.python(spec))
     if args.no_demo:
         config.demo = False
-    if args.verbose:
+    if args.quiet:
+        config.log_level, config.sources["log_level"] = "WARNING", "-q"
+    elif args.verbose:
         config.log_level = "DEBUG" if args.verbose > 1 else "INFO"
-    if not 0 < config.port < 65536:
-        raise ConfigError(f"port {config.port}: expected 1-65535")
+        config.sources["log_level"] = "-" + "v" * args.verbose
+    config.validate()
     config.assign_names()
     return config
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_toml(args.file)
+    config.validate()
+    config.assign_names()
+    sys.stdout.write(f"{args.file}: ok ({len(config.drivers)} driver(s), {len(config.remotes)} remote(s), "
+                     f"port {config.port})\n")
+    return 0
 
 
 def _runtime(args: argparse.Namespace, port: int) -> RuntimeDir:
@@ -170,8 +197,16 @@ def _format_status(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
 
 
+def _running(args: argparse.Namespace) -> RuntimeDir:
+    """The runtime directory of the instance on `args.port`; ControlError if none runs there."""
+    runtime = _runtime(args, args.port)
+    if not runtime.is_live():
+        raise ControlError(f"no indibroker runs on port {args.port}")
+    return runtime
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    reply = request(_runtime(args, args.port).control_path, {"cmd": "status"})
+    reply = request(_running(args).control_path, {"cmd": "status"})
     if args.json:
         sys.stdout.write(json.dumps(reply["status"], indent=2) + "\n")
     else:
@@ -180,13 +215,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    runtime = _runtime(args, args.port)
+    runtime = _running(args)
+    pid = runtime.read_pid()
     request(runtime.control_path, {"cmd": "stop"})
     deadline = time.monotonic() + 30
     while runtime.is_live() and time.monotonic() < deadline:
         time.sleep(0.1)
     if runtime.is_live():
         raise ControlError("indibroker did not stop within 30 s")
+    sys.stdout.write(f"stopped indibroker on port {args.port} (pid {pid})\n")
     return 0
 
 
@@ -194,18 +231,19 @@ def cmd_driver(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {"cmd": "driver", "action": args.action, "name": args.name}
     if args.action == "start":
         payload["argv"] = [args.name, *args.args]
-    reply = request(_runtime(args, args.port).control_path, payload)
+    reply = request(_running(args).control_path, payload)
     sys.stdout.write(f"{args.action} {reply.get('name', args.name)}: ok\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "driver": cmd_driver}
+    commands = {"start": cmd_start, "check-config": cmd_check_config, "status": cmd_status, "stop": cmd_stop,
+                "driver": cmd_driver}
     try:
         return commands[args.command](args)
     except IndibrokerError as exc:
-        sys.stderr.write(f"indibroker: {exc}\n")
+        sys.stderr.write("".join(f"indibroker: {line}\n" for line in str(exc).splitlines()))
         return 1
     except OSError as exc:
         sys.stderr.write(f"indibroker: {exc}\n")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import shutil
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from indibroker.workers.settings import (
 __all__ = ["Config", "DriverConfig", "RemoteConfig", "load_toml", "default_gateways", "driver_name"]
 
 MB = 1024 * 1024
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # as the logging module names them
 
 
 def default_gateways() -> int:
@@ -45,6 +48,7 @@ class DriverConfig:
     # indipydriver 3.1.2 drivers crash on a snooped <message> (events.message typo), so Python
     # drivers get snooped property traffic but not messages; executables get both, as indiserver.
     snoop_messages: bool = True
+    may_appear_later: bool = False  # its executable may be installed after start: not a config error
 
     @classmethod
     def python(cls, spec: str, name: str = "", **kw: Any) -> DriverConfig:
@@ -116,6 +120,8 @@ class Config:
     log_dir: str | None = None
     log_level: str = "INFO"
     runtime_dir: str | None = None
+    # Where each key's value came from (a file or a flag), to name it in a problem.
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     # -- each worker's settings (the defaults above are the only ones) ------------------------
     def broker_settings(self) -> BrokerSettings:
@@ -132,6 +138,53 @@ class Config:
     def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:
         return ExDriverSettings(name=f"exdriver-{index}", liveness=self.worker_liveness, drivers=tuple(drivers),
                                 log_dir=self.log_dir)
+
+    def validate(self, check_executables: bool = True) -> None:
+        """Check every value; raise ConfigError with one line per problem, each naming where
+        the value came from (file and key, or flag) and what was expected. A driver executable
+        missing from PATH is a problem unless that driver `may_appear_later` (or the caller,
+        like indiserver's command line, treats a driver that cannot start as a driver exit)."""
+        problems: list[str] = []
+
+        def bad(key: str, expected: str) -> None:
+            value = getattr(self, key)
+            source = self.sources.get(key, "")
+            where = f"{source} {value}" if source.startswith("-") else \
+                f"{source or 'default'}: {key} = {value!r}"
+            problems.append(f"{where}: {expected}")
+
+        level = self.log_level.upper()
+        if level not in LOG_LEVELS:
+            bad("log_level", f"expected one of {', '.join(LOG_LEVELS)}")
+        else:
+            self.log_level = level
+        if not 0 < self.port < 65536:
+            bad("port", "expected 1-65535")
+        for key in ("gateways", "exdriver_workers"):
+            if getattr(self, key) < 1:
+                bad(key, "expected at least 1")
+        if self.maxconnections < 0:
+            bad("maxconnections", "expected 0 (unlimited) or more")
+        for key in ("blob_drop_mb", "client_max_mb", "client_max_element_mb", "gateway_max_partial_mb",
+                    "driver_queue_mb", "driver_max_element_mb", "hang_timeout", "driver_unfinished_timeout",
+                    "worker_liveness"):
+            if not getattr(self, key) > 0:
+                bad(key, "expected a number above 0")
+        try:
+            socket.getaddrinfo(self.host or None, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)
+        except (OSError, UnicodeError) as exc:
+            bad("host", f"cannot resolve host {self.host!r} ({getattr(exc, 'strerror', None) or exc})")
+        for i, driver in enumerate(self.drivers):
+            where = self.sources.get(f"driver[{i}]", f"driver {driver.name or driver.argv[0]!r}")
+            for key, value in {**self.restart, **driver.restart}.items():
+                if isinstance(value, int | float) and value < 0:
+                    problems.append(f"{where}: restart.{key}: {value}: expected 0 or more")
+            if check_executables and not driver.may_appear_later and shutil.which(driver.argv[0]) is None:
+                problems.append(f"{where}: executable {driver.argv[0]!r} not found on PATH "
+                                f"(say may_appear_later = true if it is installed later)")
+        if problems:
+            raise ConfigError("\n".join(problems))
 
     def assign_names(self) -> None:
         taken: set[str] = set()
@@ -153,7 +206,8 @@ def driver_name(argv: list[str], env: dict[str, str], taken: set[str]) -> str:
     return name
 
 
-_SCALARS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("drivers", "remotes", "restart")}
+_SCALARS = {f.name: f for f in dataclasses.fields(Config)
+            if f.name not in ("drivers", "remotes", "restart", "sources")}
 _RESTART_KEYS = {f.name: f.type for f in dataclasses.fields(RestartPolicy)}
 
 
@@ -197,6 +251,7 @@ def load_toml(path: str | Path, config: Config | None = None) -> Config:
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: expected [[driver]] tables")
             for i, table in enumerate(value):
+                config.sources[f"driver[{len(config.drivers)}]"] = f"{path}: driver[{i}]"
                 config.drivers.append(_driver_table(f"{path}: driver[{i}]", table))
         elif key == "remote":
             if not isinstance(value, list):
@@ -205,6 +260,7 @@ def load_toml(path: str | Path, config: Config | None = None) -> Config:
                 config.remotes.append(_remote_table(f"{path}: remote[{i}]", table))
         elif key in _SCALARS:
             setattr(config, key, _check_type(where, value, str(_SCALARS[key].type)))
+            config.sources[key] = str(path)
         else:
             raise ConfigError(f"{where}: unknown key")
     return config
@@ -227,7 +283,7 @@ def _remote_table(where: str, table: Any) -> RemoteConfig:
 def _driver_table(where: str, table: Any) -> DriverConfig:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
-    known = {"command", "python", "name", "env", "restart", "snoop_messages"}
+    known = {"command", "python", "name", "env", "restart", "snoop_messages", "may_appear_later"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
@@ -254,4 +310,6 @@ def _driver_table(where: str, table: Any) -> DriverConfig:
     if not argv:
         raise ConfigError(f"{where}.command: empty")
     snoop_messages = _check_type(f"{where}.snoop_messages", table.get("snoop_messages", True), "bool")
-    return DriverConfig(argv=argv, name=name, env=dict(env), restart=restart, snoop_messages=snoop_messages)
+    later = _check_type(f"{where}.may_appear_later", table.get("may_appear_later", False), "bool")
+    return DriverConfig(argv=argv, name=name, env=dict(env), restart=restart, snoop_messages=snoop_messages,
+                        may_appear_later=later)

@@ -56,6 +56,7 @@ def config_from_indiserver_args(argv: list[str]) -> Config:
             config.remotes.append(RemoteConfig.parse(driver, blob_enable=True))
         else:
             config.drivers.append(DriverConfig(argv=[driver]))
+    config.validate(check_executables=False)  # as indiserver: a driver that cannot start exits
     config.assign_names()
     return config
 

@@ -45,3 +45,68 @@ def test_bad_config_is_one_clear_line_and_nothing_starts(tmp_path, text, expecte
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0], result.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def _start(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "indibroker", "start", "--runtime-dir", str(tmp_path / "run"),
+                           *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--gateways", "0"), "--gateways 0: expected at least 1"),
+    (("--host", "nosuchhost.invalid"), "cannot resolve host 'nosuchhost.invalid'"),
+    (("--exdriver", "indi_no_such_driver"), "executable 'indi_no_such_driver' not found on PATH"),
+    (("-p", "70000"), "--port 70000: expected 1-65535"),
+])
+def test_bad_flags_are_one_clear_line_and_nothing_starts(tmp_path, args, expected):
+    result = _start(tmp_path, *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('log_level = "verbose"\n', "log_level = 'verbose': expected one of DEBUG, INFO"),
+    ("hang_timeout = 0\n", "hang_timeout = 0: expected a number above 0"),
+    ('[[driver]]\ncommand = "indi_no_such_driver"\n', "driver[0]: executable 'indi_no_such_driver' not found"),
+])
+def test_check_config_names_file_and_key_and_starts_nothing(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "indibroker", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and expected in lines[0], result.stderr
+    assert _start(tmp_path, "--config", str(path)).returncode == 1
+
+
+def test_a_driver_that_may_appear_later_is_not_a_config_error(tmp_path):
+    path = tmp_path / "later.toml"
+    path.write_text('[[driver]]\ncommand = "indi_not_yet_installed"\nmay_appear_later = true\n')
+    result = subprocess.run([sys.executable, "-m", "indibroker", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        result = _start(tmp_path, "-p", str(holder.getsockname()[1]), "--host", "127.0.0.1")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot listen" in lines[0], result.stderr
+
+
+def test_version_and_no_server_messages(tmp_path):
+    run = [sys.executable, "-m", "indibroker"]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("indibroker ")
+    for command in ("status", "stop"):
+        result = subprocess.run([*run, command, "-p", "1", "--runtime-dir", str(tmp_path / "run")],
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1 and result.stderr.strip() == "indibroker: no indibroker runs on port 1"
