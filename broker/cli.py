@@ -185,8 +185,14 @@ def _format_status(rows: list[dict[str, Any]]) -> str:
     header = ["ROLE", "NAME", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "RSS(MB)", "DEVICES/CLIENTS"]
     table = [header]
     for row in rows:
-        extra = ", ".join(row.get("devices", [])) if row["role"] == "driver" else (
-            f"{row['clients']} client(s)" if "clients" in row else "")
+        if row["role"] == "driver":
+            extra = ", ".join(row.get("devices", []))
+        elif "remote" in row:  # a bridge: where it points and whether it is connected, since when
+            extra = f"{row['remote']} {row.get('link', '')}".rstrip()
+        else:
+            extra = f"{row['clients']} client(s)" if "clients" in row else ""
+        if row.get("state") in ("BACKOFF", "FATAL", "STOPPED") and row.get("last_exit"):
+            extra = f"{extra}  (last exit: {row['last_exit']})".strip()  # why, not only that
         table.append([
             row["role"], row["name"], str(row.get("pid") or "-"), str(row.get("state")),
             str(row.get("restarts", 0)), fmt_uptime(row.get("uptime")),
