@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also pass BLOBs from the --remote servers")
     start.add_argument("--gateways", type=int, help="client gateway processes sharing the port")
     start.add_argument("--maxconnections", type=int, help="most clients at once (0: unlimited)")
+    start.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                       help="clients may connect only from these networks (repeatable; default: any)")
+    start.add_argument("--read-only", action="append", default=[], dest="read_only", metavar="CIDR",
+                       help="clients from these networks may watch but not change anything (repeatable)")
+    start.add_argument("--max-per-address", type=int, dest="max_connections_per_address", metavar="N",
+                       help="connections at once from one address (0: unlimited)")
     start.add_argument("-r", "--max-restarts", type=int, dest="max_restarts",
                        help="consecutive restarts of a crashing driver before giving up (0: never restart)")
     start.add_argument("-d", "--blob-drop-mb", type=float, dest="blob_drop_mb",
@@ -91,10 +97,14 @@ def _version() -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     config = load_toml(args.config) if args.config else Config()
     for key in ("host", "port", "gateways", "maxconnections", "blob_drop_mb", "client_max_mb",
-                "fifo", "log_dir", "runtime_dir"):
+                "fifo", "log_dir", "runtime_dir", "max_connections_per_address"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
+            config.sources[key] = "--" + key.replace("_", "-")
+    for key in ("allow", "read_only"):
+        if getattr(args, key):
+            setattr(config, key, [*getattr(config, key), *getattr(args, key)])
             config.sources[key] = "--" + key.replace("_", "-")
     if args.max_restarts is not None:
         config.restart["max_restarts"] = args.max_restarts

@@ -18,6 +18,7 @@ from typing import Any
 
 from indibroker.broker.errors import ConfigError
 from indibroker.broker.supervision import RestartPolicy
+from indibroker.workers.access import AccessPolicy, parse_networks
 from indibroker.workers.codec import DEFAULT_MAX_ELEMENT
 from indibroker.workers.settings import (
     BrokerSettings,
@@ -102,6 +103,11 @@ class Config:
     port: int = 7624
     gateways: int = field(default_factory=default_gateways)
     maxconnections: int = 0  # 0: unlimited
+    # Access rules (workers/access.py), off by default: CIDR networks.
+    allow: list[str] = field(default_factory=list)  # clients may connect only from these (empty: any)
+    read_only: list[str] = field(default_factory=list)  # clients from these may not change anything
+    write_rules: dict[str, list[str]] = field(default_factory=dict)  # device -> who may change it
+    max_connections_per_address: int = 0  # 0: unlimited
     exdriver_workers: int = 1
     drivers: list[DriverConfig] = field(default_factory=list)
     remotes: list[RemoteConfig] = field(default_factory=list)
@@ -123,6 +129,20 @@ class Config:
     # Where each key's value came from (a file or a flag), to name it in a problem.
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
+    def access_policy(self) -> AccessPolicy:
+        """The access rules; ValueError naming where a network that is not one came from."""
+        def where(key: str, label: str = "") -> str:
+            source = self.sources.get(key, "")
+            return f"{source} " if source.startswith("-") else f"{source or 'default'}: {label or key}: "
+
+        return AccessPolicy(
+            allow=parse_networks(self.allow, where("allow")),
+            read_only=parse_networks(self.read_only, where("read_only")),
+            write_rules={device: parse_networks(nets, where("write_rules", f"write_rules.{device}"))
+                         for device, nets in self.write_rules.items()},
+            max_per_address=self.max_connections_per_address,
+        )
+
     # -- each worker's settings (the defaults above are the only ones) ------------------------
     def broker_settings(self) -> BrokerSettings:
         return BrokerSettings(name="broker", liveness=self.worker_liveness)
@@ -132,7 +152,7 @@ class Config:
             name=f"gateway-{index}", liveness=self.worker_liveness, host=self.host, port=self.port,
             maxconnections=self.maxconnections, blob_drop_bytes=int(self.blob_drop_mb * MB),
             max_queue_bytes=int(self.client_max_mb * MB), max_element=int(self.client_max_element_mb * MB),
-            max_partial_bytes=int(self.gateway_max_partial_mb * MB),
+            max_partial_bytes=int(self.gateway_max_partial_mb * MB), access=self.access_policy(),
         )
 
     def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:
@@ -165,6 +185,12 @@ class Config:
                 bad(key, "expected at least 1")
         if self.maxconnections < 0:
             bad("maxconnections", "expected 0 (unlimited) or more")
+        if self.max_connections_per_address < 0:
+            bad("max_connections_per_address", "expected 0 (unlimited) or more")
+        try:
+            self.access_policy()
+        except ValueError as exc:
+            problems.append(str(exc))
         for key in ("blob_drop_mb", "client_max_mb", "client_max_element_mb", "gateway_max_partial_mb",
                     "driver_queue_mb", "driver_max_element_mb", "hang_timeout", "driver_unfinished_timeout",
                     "worker_liveness"):
@@ -207,14 +233,17 @@ def driver_name(argv: list[str], env: dict[str, str], taken: set[str]) -> str:
 
 
 _SCALARS = {f.name: f for f in dataclasses.fields(Config)
-            if f.name not in ("drivers", "remotes", "restart", "sources")}
+            if f.name not in ("drivers", "remotes", "restart", "sources", "write_rules")}
 _RESTART_KEYS = {f.name: f.type for f in dataclasses.fields(RestartPolicy)}
 
 
 def _check_type(where: str, value: Any, kind: str) -> Any:
     expected: dict[str, tuple[type, ...]] = {
         "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "str | None": (str,),
+        "list[str]": (list,),
     }
+    if kind == "list[str]" and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
     types = expected.get(kind, (object,))
     if isinstance(value, bool) and kind in ("int", "float"):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
@@ -247,6 +276,12 @@ def load_toml(path: str | Path, config: Config | None = None) -> Config:
         where = f"{path}: {key}"
         if key == "restart":
             config.restart = _restart_table(where, value)
+        elif key == "write_rules":
+            if not isinstance(value, dict) or not all(
+                    isinstance(v, list) and all(isinstance(n, str) for n in v) for v in value.values()):
+                raise ConfigError(f"{where}: expected a table of device = [networks]")
+            config.write_rules = {str(k): list(v) for k, v in value.items()}
+            config.sources["write_rules"] = str(path)
         elif key == "driver":
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: expected [[driver]] tables")

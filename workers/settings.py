@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from indibroker.broker.supervision import RestartPolicy
+from indibroker.workers.access import AccessPolicy
 
 __all__ = ["WorkerSettings", "BrokerSettings", "GatewaySettings", "DriverSettings", "ExDriverSettings",
            "RemoteSettings", "Inheritance"]
@@ -42,6 +43,7 @@ class GatewaySettings(WorkerSettings):
     max_queue_bytes: int  # a client this far behind is dropped (indiserver -m)
     max_element: int  # largest element a client may send
     max_partial_bytes: int  # unfinished client input the gateway holds in total
+    access: AccessPolicy  # who may connect, and who may change what
 
 
 @dataclass(frozen=True)
