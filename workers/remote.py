@@ -25,10 +25,11 @@ from typing import Any
 
 from indibroker.broker import wire
 from indibroker.broker.ratelog import RateLimitedLog
+from indibroker.broker.supervision import RestartPolicy
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.codec import Element, StreamDecoder
-from indibroker.workers.outqueue import OutQueue
+from indibroker.workers.outstream import OutStream
 from indibroker.workers.reactor import Timer
 from indibroker.workers.settings import Inheritance, RemoteSettings
 
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 _warn = RateLimitedLog(log)  # what the remote server can make repeat
 
 READ_SIZE = 256 * 1024
-BACKOFF_INITIAL = 0.5
-BACKOFF_MAX = 5.0
+# Reconnect backoff: 0.5 s doubling to 5 s. Only its `delay` is used: a bridge never gives up.
+RECONNECT = RestartPolicy(backoff_initial=0.5, backoff_factor=2.0, backoff_max=5.0)
 ECHO_WINDOW = 5.0  # a device-less message seen this recently is not published again
 UPSTREAM_QUEUE_BYTES = 16 * 1024 * 1024
 
@@ -61,7 +62,8 @@ class RemoteBridge(Worker):
         self.sock: socket.socket | None = None
         self.connected = False
         self.decoder = StreamDecoder(max_element=settings.max_element, resync=True)
-        self.upstream = OutQueue()
+        self.upstream = OutStream(self.reactor, UPSTREAM_QUEUE_BYTES, _warn, "not reading", f"remote {self.where}",
+                                  on_error=lambda exc: self._lost(str(exc)))
         self.attempt = 0
         self.connects = 0
         self._retry: Timer | None = None
@@ -125,6 +127,7 @@ class RemoteBridge(Worker):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reactor.set_writer(self.sock.fileno(), None)
         self.reactor.add_reader(self.sock.fileno(), lambda _fd: self._readable())
+        self.upstream.attach(self.sock.fileno())
         self.connected = True
         self.connects += 1
         self.attempt = 0
@@ -138,12 +141,12 @@ class RemoteBridge(Worker):
         self.status_changed()
 
     def _close(self) -> None:
+        self.upstream.detach()
         if self.sock is not None:
             self.reactor.forget(self.sock.fileno())
             self.sock.close()
             self.sock = None
         self.connected = False
-        self.upstream.clear()
 
     def _lost(self, why: str) -> None:
         was_connected = self.connected
@@ -158,7 +161,7 @@ class RemoteBridge(Worker):
         self.devices.clear()
         if self._down_since is None:
             self._down_since = time.monotonic()
-        delay = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** self.attempt)
+        delay = RECONNECT.delay(self.attempt)
         self.attempt += 1
         self._retry = self.reactor.call_later(delay, self._connect)
         self.status_changed()
@@ -228,7 +231,7 @@ class RemoteBridge(Worker):
         if not self.connected:
             return
         if verb in (wire.SET, wire.DEF, wire.DEL) and device and device not in self.devices:
-            if self.upstream.bytes < UPSTREAM_QUEUE_BYTES // 2:  # snooping is best effort
+            if self.upstream.queued < UPSTREAM_QUEUE_BYTES // 2:  # snooping is best effort
                 self._up(payload)
             return
         if verb == wire.NEW and device in self.devices:
@@ -244,23 +247,6 @@ class RemoteBridge(Worker):
                     self._up(indi.get_properties(known))
 
     def _up(self, data: bytes) -> None:
-        if self.sock is None or not self.connected:
-            return
-        if self.upstream.bytes + len(data) > UPSTREAM_QUEUE_BYTES:
-            _warn.warning("not reading", "remote %s is not reading: message dropped", self.where)
-            return
-        was_empty = not self.upstream
+        """To the remote server, while connected (bounded: past UPSTREAM_QUEUE_BYTES it is dropped)."""
         self.upstream.push(data)
-        if was_empty:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.sock is None:
-            return
-        try:
-            done = self.upstream.flush(self.sock.fileno())
-        except OSError as exc:
-            self._lost(str(exc))
-            return
-        self.reactor.set_writer(self.sock.fileno(), None if done else (lambda _fd: self._flush()))
 
