@@ -4,7 +4,9 @@ It holds no INDI state and no ZeroMQ context, so there is almost nothing in it t
 Each child gets the read end of its own lifeline pipe: if the arbiter dies, even by SIGKILL, every
 worker sees EOF and exits with its drivers. The arbiter restarts crashed children with backoff,
 stops them in order (gateways, drivers, broker last: SIGTERM, wait, SIGKILL of the group), answers
-the control socket and, with `-f`, an indiserver-style FIFO.
+the control socket and, with `-f`, an indiserver-style FIFO. It runs on the workers' event loop
+(`workers/reactor.Reactor`: epoll, timers, signals through one self-pipe), without its ZeroMQ
+part; idle, it wakes only for the liveness check.
 """
 
 from __future__ import annotations
@@ -13,20 +15,26 @@ import dataclasses
 import json
 import logging
 import os
-import selectors
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from indibroker.broker.config import Config, DriverConfig, driver_name
 from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
-from indibroker.broker.oscalls import describe_exit, fork_child, reap, signal_group
+from indibroker.broker.oscalls import (
+    ForkedProcess,
+    Forker,
+    describe_exit,
+    fork_child,
+    signal_group,
+    wait_exits,
+)
 from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, RuntimeDir, status_age
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
+from indibroker.workers.reactor import Reactor, Timer
 from indibroker.workers.settings import DriverSettings, ExDriverSettings, Inheritance, WorkerSettings
 
 __all__ = ["Arbiter", "Child"]
@@ -48,10 +56,10 @@ class Child:
     drivers: list[DriverSettings] = field(default_factory=list)  # an exdriver worker's, as they stand
     inheritance: Inheritance = field(default_factory=Inheritance)  # told to its next start
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(WORKER_POLICY))
-    proc: Any = None  # subprocess.Popen
+    proc: ForkedProcess | None = None
     lifeline: int = -1  # our write end of its lifeline pipe
     started_wall: float | None = None
-    restart_at: float | None = None
+    restart_timer: Timer | None = None  # its backoff after a crash
 
     @property
     def name(self) -> str:
@@ -72,14 +80,18 @@ class Child:
 
 
 class Arbiter:
-    def __init__(self, config: Config, runtime: RuntimeDir):
+    """Built without starting anything; `run()` starts the tree and serves until stopped. A test
+    drives `start()` and the reactor itself, with a fake `forker` (broker/oscalls.fork_child's
+    signature), so that nothing is forked."""
+
+    def __init__(self, config: Config, runtime: RuntimeDir, *, reactor: Reactor | None = None,
+                 forker: Forker = fork_child):
         self.config = config
         self.runtime = runtime
         self.children: list[Child] = []
-        self._sel = selectors.DefaultSelector()
-        self._signals: list[int] = []
+        self.reactor = reactor or Reactor()
+        self._fork = forker
         self._stopping = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.control = ControlServer(runtime.control_path, self._command)
         self.fifo: FifoReader | None = None
         self._psutil_cache: dict[int, Any] = {}
@@ -113,7 +125,9 @@ class Arbiter:
         return child
 
     def _start(self, child: Child) -> None:
-        child.restart_at = None
+        if child.restart_timer is not None:
+            child.restart_timer.cancel()
+            child.restart_timer = None
         child.lifecycle.start()
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         env = {**self.runtime.env(), ENV_LIFELINE: str(read_end),
@@ -122,7 +136,7 @@ class Arbiter:
 
         settings, inheritance = child.settings_now(), child.inheritance
         try:
-            child.proc = fork_child(lambda: run_role(child.role, settings, inheritance), env,
+            child.proc = self._fork(lambda: run_role(child.role, settings, inheritance), env,
                                     keep_fds=[read_end], name=f"ib-{child.name}")
         except OSError as exc:
             os.close(read_end)
@@ -140,7 +154,7 @@ class Arbiter:
     def _reap(self) -> None:
         for child in self.children:
             if child.proc is not None:
-                code = reap(child.proc)
+                code = child.proc.poll()
                 if code is not None:
                     self._exited(child, describe_exit(code))
 
@@ -160,7 +174,7 @@ class Arbiter:
             return
         if decision.action == "restart":
             log.warning("%s exited (%s); restarting in %.1f s", child.name, how, decision.delay)
-            child.restart_at = time.monotonic() + decision.delay
+            child.restart_timer = self.reactor.call_later(decision.delay, lambda: self._restart(child))
         else:
             log.error("%s exited (%s); %s", child.name, how, decision.reason)
 
@@ -177,8 +191,20 @@ class Arbiter:
                     log.info("killed driver %s (pid %d) left by %s", driver.get("name"), pid, child.name)
         child.inheritance = dataclasses.replace(child.inheritance, orphaned=tuple(sorted(set(orphaned))))
 
+    def _restart(self, child: Child) -> None:
+        """Its backoff has passed."""
+        child.restart_timer = None
+        if self._stopping:
+            return
+        self._start(child)
+        if child.role == "broker":
+            # Workers would notice within a heartbeat; telling them makes it immediate.
+            self.reactor.call_later(0.3, lambda: self._tell_all({"cmd": "hello"}))
+
     def _check_liveness(self) -> None:
         """A worker alive but silent (hung in a loop, stopped) is killed; its exit restarts it."""
+        if self._stopping:
+            return
         limit = self.config.worker_liveness
         now = time.monotonic()
         for child in self.children:
@@ -190,29 +216,7 @@ class Arbiter:
                 log.error("%s (pid %d) has shown no sign of life for %.0f s: killing it",
                           child.name, child.proc.pid, age)
                 signal_group(child.proc.pid, signal.SIGKILL)
-        self._after(limit / 3, self._check_liveness)
-
-    def _restart_due(self) -> float | None:
-        """Start children whose backoff has passed; return seconds to the next one."""
-        now = time.monotonic()
-        nearest: float | None = None
-        for child in self.children:
-            if child.restart_at is None:
-                continue
-            if child.restart_at <= now:
-                self._start(child)
-                if child.role == "broker":
-                    # Workers would notice within a heartbeat; telling them makes it immediate.
-                    self._after(0.3, lambda: self._tell_all({"cmd": "hello"}))
-            else:
-                wait = child.restart_at - now
-                nearest = wait if nearest is None else min(nearest, wait)
-        return nearest
-
-    _deferred: list[tuple[float, Callable[[], None]]]
-
-    def _after(self, delay: float, callback: Callable[[], None]) -> None:
-        self._deferred.append((time.monotonic() + delay, callback))
+        self.reactor.call_later(limit / 3, self._check_liveness)
 
     def _tell_all(self, command: dict[str, Any]) -> None:
         for child in self.children:
@@ -220,27 +224,27 @@ class Arbiter:
                 child.tell(command)
 
     # -- stopping ---------------------------------------------------------------------------
+    def _stop(self, why: str) -> None:
+        if not self._stopping:
+            log.info("stopping (%s)", why)
+        self._stopping = True
+        self.reactor.stop()
+
     def stop_all(self) -> None:
         """Gateways first (no new work), then drivers, the broker last; SIGTERM, wait, SIGKILL."""
         self._stopping = True
         for roles in (("gateway",), ("exdriver", "remote"), ("broker",)):
-            group = [c for c in self.children if c.role in roles and c.proc is not None]
-            for child in group:
-                child.lifecycle.stop()
-                signal_group(child.proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while group and time.monotonic() < deadline:
-                for child in list(group):
-                    if reap(child.proc) is not None:
-                        self._exited(child, "stopped")
-                        group.remove(child)
-                if group:
-                    time.sleep(0.05)
-            for child in group:
-                log.warning("%s did not stop in %.0f s: killing its process group", child.name, STOP_TIMEOUT)
-                signal_group(child.proc.pid, signal.SIGKILL)
-                child.proc.wait()
-                self._exited(child, "killed")
+            self._stop_group({c.proc: c for c in self.children if c.role in roles and c.proc is not None})
+
+    def _stop_group(self, group: dict[ForkedProcess, Child]) -> None:
+        for proc, child in group.items():
+            child.lifecycle.stop()
+            signal_group(proc.pid, signal.SIGTERM)
+        stuck = wait_exits(list(group), STOP_TIMEOUT, lambda proc: self._exited(group[proc], "stopped"))
+        for proc in stuck:
+            log.warning("%s did not stop in %.0f s: killing its process group", group[proc].name, STOP_TIMEOUT)
+            signal_group(proc.pid, signal.SIGKILL)
+        wait_exits(stuck, None, lambda proc: self._exited(group[proc], "killed"))
 
     # -- control commands -------------------------------------------------------------------
     def _command(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +252,7 @@ class Arbiter:
         if cmd == "status":
             return {"ok": True, "status": self.status()}
         if cmd == "stop":
-            self._signals.append(signal.SIGTERM)
+            self._stop("stop command")  # the loop ends after this turn: the reply goes out first
             return {"ok": True}
         if cmd == "driver":
             return self._driver_command(request.get("action", ""), request.get("name", ""),
@@ -344,65 +348,46 @@ class Arbiter:
             return {"cpu_percent": None, "rss": None}
 
     # -- main loop --------------------------------------------------------------------------
-    def _record_signal(self, signum: int, frame: object) -> None:
-        self._signals.append(signum)
-
     def run(self) -> int:
-        self._deferred = []
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-            signal.signal(signum, self._record_signal)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self.control.register(self._sel)
+            self.reactor.on_signal(signum, self._on_signal)
+        try:
+            self.start()
+            self.reactor.run()
+        finally:
+            signal.set_wakeup_fd(-1)  # the reactor's self-pipe closes with it; signals are only recorded now
+            self.close()
+        return 0
+
+    def start(self) -> None:
+        """Serve the control socket (and the FIFO) and start every child, the broker first."""
+        self.control.attach(self.reactor)
         if self.config.fifo:
             self.fifo = FifoReader(self.config.fifo, self._fifo_line)
-            self.fifo.register(self._sel)
+            self.fifo.attach(self.reactor)
         for child in self.children:  # the broker is first in the list
             self._start(child)
-        self._after(self.config.worker_liveness / 3, self._check_liveness)
+        self.reactor.call_later(self.config.worker_liveness / 3, self._check_liveness)
         log.info("indibroker serving on %s:%d (%d gateway(s), %d driver(s)); runtime %s",
                  self.config.host, self.config.port,
                  sum(c.role == "gateway" for c in self.children),
                  sum(len(c.drivers) for c in self.children), self.runtime.path)
-        try:
-            while not self._stopping:
-                timeout = self._restart_due()
-                now = time.monotonic()
-                due = [cb for when, cb in self._deferred if when <= now]
-                self._deferred = [(w, cb) for w, cb in self._deferred if w > now]
-                for callback in due:
-                    callback()
-                if self._deferred:
-                    nearest = min(w for w, _ in self._deferred) - now
-                    timeout = nearest if timeout is None else min(timeout, nearest)
-                for key, _mask in self._sel.select(timeout):
-                    if key.fileobj == self._wake_r:
-                        try:
-                            while os.read(self._wake_r, 4096):
-                                pass
-                        except BlockingIOError:
-                            pass
-                    elif callable(key.data):
-                        key.data()
-                self._handle_signals()
-        finally:
-            self.stop_all()
-            self.control.close()
-            if self.fifo is not None:
-                self.fifo.close()
-            self._sel.close()
-        return 0
 
-    def _handle_signals(self) -> None:
-        while self._signals:
-            signum = self._signals.pop(0)
-            if signum == signal.SIGCHLD:
-                self._reap()
-            elif signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("stopping (%s)", signal.Signals(signum).name)
-                self._stopping = True
-            elif signum == signal.SIGHUP:
-                log.info("SIGHUP ignored")
+    def close(self) -> None:
+        """Stop every child in order, then close what the arbiter serves."""
+        self.stop_all()
+        self.control.close()
+        if self.fifo is not None:
+            self.fifo.close()
+        self.reactor.close()
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self._reap()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self._stop(signal.Signals(signum).name)
+        elif signum == signal.SIGHUP:
+            log.info("SIGHUP ignored")
 
     def _fifo_line(self, action: str, driver: str, env: dict[str, str]) -> None:
         name = env.get("INDIDEV", "")

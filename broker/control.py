@@ -1,9 +1,10 @@
 """The control socket: `indibroker status/stop/driver ...` talk to the arbiter through it.
 
 A Unix stream socket in the private runtime directory (so only our user reaches it); one JSON
-request line, one JSON reply line. Plain sockets, no ZeroMQ: the arbiter stays small. Each
-connection is served without blocking the arbiter's loop for long: a request must arrive whole
-within a short time or the connection is dropped.
+request line, one JSON reply line. Plain sockets, no ZeroMQ: the arbiter stays small. It is served
+on the arbiter's event loop and never blocks it: a connection that has not sent its whole request
+within `timeout` seconds is dropped, and so is one that has not read its whole reply within
+`timeout` seconds of it being ready (the reply is written as the client reads it).
 """
 
 from __future__ import annotations
@@ -11,95 +12,155 @@ from __future__ import annotations
 import json
 import logging
 import os
-import selectors
 import socket
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from indibroker.broker.errors import ControlError
+from indibroker.workers.linebuffer import LineBuffer
+
+if TYPE_CHECKING:  # the `indibroker status/stop/driver` commands import this module: no pyzmq for them
+    from indibroker.workers.reactor import Reactor, Timer
 
 __all__ = ["ControlServer", "request"]
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1024 * 1024
+TIMEOUT = 5.0  # seconds for a request to arrive whole, and again for its reply to be read
+ACCEPTS_PER_TURN = 16
+ACCEPT_RETRY = 1.0  # seconds without accepting after accept() failed (out of descriptors)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+class _Connection:
+    __slots__ = ("sock", "lines", "reply", "timer")
+
+    def __init__(self, sock: socket.socket, timer: Timer):
+        self.sock = sock
+        self.lines = LineBuffer(MAX_REQUEST)
+        self.reply = memoryview(b"")
+        self.timer = timer
+
+
 class ControlServer:
-    def __init__(self, path: Path, handler: Handler):
+    def __init__(self, path: Path, handler: Handler, timeout: float = TIMEOUT):
         self.path = path
         self.handler = handler
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path.unlink(missing_ok=True)
         self.sock.bind(str(path))
         os.chmod(path, 0o600)
         self.sock.listen(16)
         self.sock.setblocking(False)
-        self._sel: selectors.BaseSelector | None = None
-        self._buffers: dict[socket.socket, bytes] = {}
+        self._reactor: Reactor | None = None
+        self._conns: dict[int, _Connection] = {}
 
-    def register(self, sel: selectors.BaseSelector) -> None:
-        self._sel = sel
-        sel.register(self.sock, selectors.EVENT_READ, self._accept)
+    def attach(self, reactor: Reactor) -> None:
+        self._reactor = reactor
+        reactor.add_reader(self.sock.fileno(), self._accept)
 
-    def _accept(self) -> None:
-        assert self._sel is not None
+    def _accept(self, _fd: int) -> None:
+        reactor = self._reactor
+        assert reactor is not None
+        for _ in range(ACCEPTS_PER_TURN):  # level-triggered: the rest wait for the next turn
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: leave the listener alone for a while
+                log.warning("control socket: cannot accept (%s); trying again in %g s", exc, ACCEPT_RETRY)
+                reactor.forget(self.sock.fileno())
+                reactor.call_later(ACCEPT_RETRY, self._listen_again)
+                return
+            sock.setblocking(False)
+            fd = sock.fileno()
+            self._conns[fd] = _Connection(sock, reactor.call_later(self.timeout, partial(self._expired, fd)))
+            reactor.add_reader(fd, self._readable)
+
+    def _listen_again(self) -> None:
+        if self._reactor is not None and self.sock.fileno() >= 0:
+            self._reactor.add_reader(self.sock.fileno(), self._accept)
+
+    def _readable(self, fd: int) -> None:
+        conn = self._conns[fd]
         try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        conn.setblocking(False)
-        self._buffers[conn] = b""
-        self._sel.register(conn, selectors.EVENT_READ, lambda c=conn: self._readable(c))
-
-    def _readable(self, conn: socket.socket) -> None:
-        try:
-            chunk = conn.recv(65536)
+            chunk = conn.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             chunk = b""
-        data = self._buffers.get(conn, b"") + chunk
-        if not chunk or len(data) > MAX_REQUEST:
-            self._close(conn)
+        if not chunk:
+            self._close(fd)
             return
-        if b"\n" not in data:
-            self._buffers[conn] = data
+        lines = conn.lines.feed(chunk)
+        if not lines:
             return
-        line = data.split(b"\n", 1)[0]
+        assert self._reactor is not None
+        self._reactor.forget(fd)  # one request per connection: whatever follows it is ignored
+        line = lines[0]
+        if len(line) > MAX_REQUEST:
+            log.warning("control socket: request over %d bytes dropped", MAX_REQUEST)
+            self._close(fd)
+            return
+        reply = self._serve(line)
+        conn.reply = memoryview(json.dumps(reply).encode() + b"\n")
+        conn.timer.cancel()
+        conn.timer = self._reactor.call_later(self.timeout, partial(self._expired, fd))
+        self._writable(fd)
+
+    def _serve(self, line: bytes) -> dict[str, Any]:
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("not an object")
-            reply = self.handler(request)
+            return self.handler(request)
         except ValueError as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
+            return {"ok": False, "error": f"bad request: {exc}"}
         except Exception as exc:  # a bug in one command must not take the arbiter down
             log.exception("control command failed")
-            reply = {"ok": False, "error": f"internal error: {exc}"}
-        try:
-            conn.setblocking(True)
-            conn.settimeout(2.0)
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError:
-            pass
-        self._close(conn)
+            return {"ok": False, "error": f"internal error: {exc}"}
 
-    def _close(self, conn: socket.socket) -> None:
-        self._buffers.pop(conn, None)
-        if self._sel is not None:
-            try:
-                self._sel.unregister(conn)
-            except (KeyError, ValueError):
-                pass
-        conn.close()
+    def _writable(self, fd: int) -> None:
+        conn = self._conns[fd]
+        try:
+            sent = conn.sock.send(conn.reply)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(fd)
+            return
+        conn.reply = conn.reply[sent:]
+        if not conn.reply:
+            self._close(fd)
+        else:
+            assert self._reactor is not None
+            self._reactor.set_writer(fd, self._writable)
+
+    def _expired(self, fd: int) -> None:
+        conn = self._conns.get(fd)
+        if conn is not None:
+            log.warning("control socket: a client %s within %g s: dropped",
+                        "did not read its reply" if conn.reply else "did not send a whole request",
+                        self.timeout)
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        conn = self._conns.pop(fd)
+        conn.timer.cancel()
+        if self._reactor is not None:
+            self._reactor.forget(fd)
+        conn.sock.close()
 
     def close(self) -> None:
-        for conn in list(self._buffers):
-            self._close(conn)
+        for fd in list(self._conns):
+            self._close(fd)
+        if self._reactor is not None:
+            self._reactor.forget(self.sock.fileno())
         self.sock.close()
         self.path.unlink(missing_ok=True)
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
 import shlex
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from indibroker.broker.ratelog import RateLimitedLog
+from indibroker.workers.linebuffer import LineBuffer
+
+if TYPE_CHECKING:
+    from indibroker.workers.reactor import Reactor
 
 __all__ = ["FifoReader", "parse_line"]
 
@@ -53,19 +57,19 @@ class FifoReader:
             raise OSError(f"{self.path} exists and is not a FIFO")
         self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self._keep = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._buf = b""
+        self._lines = LineBuffer()
+        self._reactor: Reactor | None = None
 
-    def register(self, sel: selectors.BaseSelector) -> None:
-        sel.register(self.fd, selectors.EVENT_READ, self._readable)
+    def attach(self, reactor: Reactor) -> None:
+        self._reactor = reactor
+        reactor.add_reader(self.fd, self._readable)
 
-    def _readable(self) -> None:
+    def _readable(self, _fd: int) -> None:
         try:
             chunk = os.read(self.fd, 65536)
         except BlockingIOError:
             return
-        self._buf += chunk
-        *lines, self._buf = self._buf.split(b"\n")
-        for raw in lines:
+        for raw in self._lines.feed(chunk):
             line = raw.decode(errors="replace").strip()
             if not line:
                 continue
@@ -78,5 +82,7 @@ class FifoReader:
             self.handler(action, driver, env)
 
     def close(self) -> None:
+        if self._reactor is not None:
+            self._reactor.forget(self.fd)
         os.close(self.fd)
         os.close(self._keep)

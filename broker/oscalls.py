@@ -1,8 +1,9 @@
-"""The OS calls of supervision, in one place: spawn a child in its own session, signal its group.
+"""The OS calls of supervision, in one place: start a child in its own session, signal its
+group, wait for exits.
 
-Both the arbiter (for workers) and exdriver workers (for drivers) use these. Children start with
-`start_new_session=True` (so a process group can be killed whole) and only the descriptors named
-in `pass_fds`; never `preexec_fn`.
+The arbiter forks its workers from itself (`fork_child`); exdriver workers start their drivers
+with `spawn`, in a new session (so a process group can be killed whole) with only the
+descriptors named in `pass_fds`, never with `preexec_fn`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 __all__ = ["spawn", "signal_group", "reap", "pdeathsig_prefix", "fork_child", "ForkedProcess",
-           "keep_big_buffers"]
+           "Forker", "wait_exits", "keep_big_buffers"]
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,8 @@ def keep_big_buffers() -> bool:
     """Let glibc reuse multi-MB buffers instead of mapping fresh pages for each.
 
     A process that moves BLOBs allocates a few MB per read and per message. Above glibc's mmap
-    threshold every one is a fresh mapping, and the kernel faults in and zeroes each page: that
-    halved the throughput of a driver worker reading 8 MB BLOBs. Blocks up to 32 MB now come from
+    threshold every one is a fresh mapping, and the kernel faults in and zeroes each page (what
+    that cost is in docs/architecture.md, Robustness). Blocks up to 32 MB now come from
     the heap, and up to 64 MB of freed heap is kept for the next ones (the cost: a process that
     has moved big BLOBs keeps up to that much after the burst). No-op without glibc.
     """
@@ -84,7 +86,7 @@ def spawn(
 
 
 class ForkedProcess:
-    """The part of `subprocess.Popen` the supervisors use, for a child made by `fork_child`."""
+    """The part of `subprocess.Popen` the arbiter uses, for a child made by `fork_child`."""
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -101,16 +103,40 @@ class ForkedProcess:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self, timeout: float | None = None) -> int:
-        import time
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
-            time.sleep(0.02)
-        assert self.returncode is not None
-        return self.returncode
+class Forker(Protocol):
+    """`fork_child`'s signature: what the arbiter starts its workers with (a test's fake too)."""
+
+    def __call__(self, target: Callable[[], int], env: Mapping[str, str], keep_fds: Sequence[int] = (),
+                 name: str = "") -> ForkedProcess: ...
+
+
+def wait_exits(procs: Sequence[ForkedProcess], timeout: float | None,
+               on_exit: Callable[[ForkedProcess], None] = lambda proc: None) -> list[ForkedProcess]:
+    """Wait until every one of `procs` has exited, or `timeout` seconds (None: no limit). Each
+    that exits is reaped, gets its `returncode` and is handed to `on_exit` as it goes; returns
+    those still running."""
+    import psutil  # only stopping needs it: keep it out of the arbiter's idle footprint
+
+    watched: dict[psutil.Process, ForkedProcess] = {}
+    for proc in procs:
+        if proc.poll() is not None:
+            on_exit(proc)
+            continue
+        try:
+            watched[psutil.Process(proc.pid)] = proc
+        except psutil.NoSuchProcess:  # reaped by someone else already
+            proc.returncode = -1
+            on_exit(proc)
+
+    def gone(process: psutil.Process) -> None:
+        proc = watched[process]
+        code = getattr(process, "returncode", None)
+        proc.returncode = int(code) if code is not None else -1
+        on_exit(proc)
+
+    _gone, alive = psutil.wait_procs(list(watched), timeout=timeout, callback=gone)
+    return [watched[process] for process in alive]
 
 
 def fork_child(target: Callable[[], int], env: Mapping[str, str], keep_fds: Sequence[int] = (),
@@ -118,7 +144,8 @@ def fork_child(target: Callable[[], int], env: Mapping[str, str], keep_fds: Sequ
     """Fork a worker from this (preloaded) process and run `target` in it, in a new session.
 
     The parent must hold no ZeroMQ context and no thread; what it holds open (control socket,
-    FIFO, selector) is closed in the child at once, so the child keeps only stdio and `keep_fds`.
+    FIFO, its event loop's epoll and self-pipe) is closed in the child at once, so the child keeps
+    only stdio and `keep_fds`, and its signals are back to their defaults.
     The child shares the parent's already-imported modules page for page until it writes to them,
     which is most of what a Python process costs.
     """

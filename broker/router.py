@@ -2,7 +2,8 @@
 
 It never parses XML and never blocks on a peer: sends are DONTWAIT with ROUTER_MANDATORY, and a
 peer whose queue is full loses that message (counted and logged) rather than stalling everyone.
-Payload frames are received without copying and passed on as they came.
+Payload frames are received without copying and passed on as they came. It runs on the workers'
+event loop (`workers/reactor.Reactor`) and keeps its status file as they do (`runtime.StatusFile`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -18,8 +20,9 @@ from indibroker.broker import wire
 from indibroker.broker.pacing import BlobPacing
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.routing import RoutingTable
-from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
+from indibroker.broker.runtime import RuntimeDir, StatusFile, configure_logging, lifeline_fd
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
+from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import WorkerSettings
 
 __all__ = ["Broker", "main"]
@@ -27,10 +30,15 @@ __all__ = ["Broker", "main"]
 log = logging.getLogger(__name__)
 
 HWM = 100_000  # messages; bytes are bounded by the workers' own accounting
-STATUS_INTERVAL = 5.0
+BATCH = 1000  # messages read per turn of the loop, then signals and the lifeline are looked at
+AWAIT_DEFINITION = 5.0  # seconds a command for a device not yet defined waits for its definition
+AWAIT_BYTES = 4 * 1024 * 1024  # bound on the commands waiting so, in all
+
+Payload = zmq.Frame | memoryview
+Handler = Callable[[bytes, bytes, bytes, str, str, bytes, Payload], None]
 
 
-def _as_bytes(payload: zmq.Frame | memoryview) -> bytes:
+def _as_bytes(payload: Payload) -> bytes:
     return payload.bytes if isinstance(payload, zmq.Frame) else bytes(payload)
 
 
@@ -53,6 +61,46 @@ class Broker:
         self._dropped_logged = 0.0
         self._out: dict[bytes, list[tuple[list[bytes], list, bool]]] = {}  # per peer, for flush()
         self._headers: dict[bytes, tuple[bytes, str, str, bytes]] = {}  # a flood repeats few headers
+        self.on_change: Callable[[], None] = lambda: None  # `status()` changed (peers, devices)
+        self._defer: Callable[[Callable[[], None]], None] | None = None
+        self._turn_open = False  # messages were read this turn: a flush is due at its end
+        self._budget = 0  # what is left of this turn's batch
+        # Commands for devices whose definitions are still on their way (see `_on_new`).
+        self._awaiting: dict[str, list[tuple[float, bytes, bytes]]] = {}
+        self._awaiting_bytes = 0
+        self._verbs: dict[bytes, Handler] = {
+            wire.HB: self._on_heartbeat, wire.DEF: self._on_driver_output, wire.SET: self._on_driver_output,
+            wire.DEL: self._on_driver_output, wire.MSG: self._on_driver_output, wire.SNOOP: self._on_snoop,
+            wire.GETP: self._on_get_properties, wire.NEW: self._on_new, wire.FLOW: self._on_flow,
+            wire.SUB: self._on_sub,
+        }
+
+    def attach(self, reactor: Reactor) -> None:
+        """Serve on `reactor`: at most BATCH messages per turn of its loop (then signals and the
+        lifeline are looked at), and what they made for each peer sent at the end of the turn."""
+        self._defer = reactor.defer
+        reactor.add_zmq(self.sock, self._readable)
+
+    def _readable(self) -> None:
+        if not self._turn_open:
+            assert self._defer is not None
+            self._turn_open = True
+            self._budget = BATCH
+            self._defer(self._end_turn)
+        budget = self._budget
+        sock, handle = self.sock, self.handle
+        while budget:
+            try:
+                msg = recv_frames(sock)
+            except zmq.Again:
+                break
+            handle(msg)
+            budget -= 1
+        self._budget = budget
+
+    def _end_turn(self) -> None:
+        self._turn_open = False
+        self.flush()
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -78,88 +126,139 @@ class Broker:
             self._handle_one(ident, head, view[offset:offset + length])
             offset += length
 
-    def _handle_one(self, ident: bytes, raw: bytes, payload: zmq.Frame | memoryview) -> None:
+    def _handle_one(self, ident: bytes, raw: bytes, payload: Payload) -> None:
         parsed = self._headers.get(raw)
         if parsed is None:
             try:
                 parsed = wire.parse_header(raw)
             except ValueError:
-                log.warning("dropped a message with a bad header from %r", ident)
+                self._refusals.warning(("header", ident), "dropped a message with a bad header from %r", ident)
                 return
             if len(self._headers) > 65536:
                 self._headers.clear()
             self._headers[raw] = parsed
         verb, device, name, flags = parsed
-        head = raw
-        table = self.table
         if verb == wire.HELLO:
             self._hello(ident, _as_bytes(payload))
-            return
-        if ident not in table.peers:
+        elif ident not in self.table.peers:
             self._queue(ident, wire.header(wire.WHO), b"")
-            return
-        if verb == wire.HB:
-            self._queue(ident, wire.header(wire.HB), b"")
-        elif verb in wire.DRIVER_OUTPUT:
-            if not table.accepts(ident, device):
-                self.echoes += 1
-                return
-            if verb == wire.DEF and device:
-                previous = table.claim(ident, device)
-                if previous is not None:
-                    self._refusals.warning(("moved", device), "device %r moved from %s to %s", device,
-                                table.peers[previous].name if previous in table.peers else previous,
-                                table.peers[ident].name)
-            elif verb == wire.DEL and device and not name:
-                table.release(ident, device)
-            targets = table.targets(device, name, flags == wire.FLAG_BLOB)
-            for target in targets:
-                self._queue(target, head, payload)
-            if flags == wire.FLAG_BLOB and device:
-                gateways = [t for t in targets if table.peers[t].role == "gateway"]
-                if self.pacing.routed(device, gateways):
-                    self._flow(ident, device, wire.FLOW_DONE)
-        elif verb == wire.SNOOP:
-            for target in table.targets(device, name, flags == wire.FLAG_BLOB):
-                if table.peers[target].role == "driver":
-                    self._queue(target, head, payload)
-        elif verb == wire.GETP:
-            if device:
-                # A device nobody has defined: dropped, as indiserver does (the asker's interest
-                # is registered, so it gets the definitions when the driver defines it).
-                owner = table.owner(device)
-                if owner is not None:
-                    self._queue(owner, head, payload)
-            else:
-                for target in table.drivers():
-                    if target != ident:
-                        self._queue(target, head, payload)
-        elif verb == wire.NEW:
-            owner = table.owner(device)
-            if owner is None:
-                log.info("new*Vector for unknown device %r dropped", device)
-            else:
-                self._queue(owner, head, payload)
-        elif verb == wire.FLOW:
-            owner = table.owner(device)
-            if owner is None or owner == ident:
-                return
-            if flags == wire.FLOW_DONE:
-                self._flow(owner, device, flags, self.pacing.done(ident, device))
-            elif flags == wire.FLOW_FULL:
-                if self.pacing.on_full(ident, device, table.targets(device, name, True)):
-                    self._flow(owner, device, flags)
-            elif self.pacing.on_open(ident, device):
-                self._flow(owner, device, wire.FLOW_OPEN)
-        elif verb == wire.SUB:
-            try:
-                entries = wire.decode_interests(_as_bytes(payload))
-            except ValueError:
-                log.warning("bad SUB from %s", table.peers[ident].name)
-                return
-            table.set_interests(ident, entries)
         else:
-            log.warning("unknown verb %r from %s", verb, table.peers[ident].name)
+            handler = self._verbs.get(verb)
+            if handler is None:
+                self._refusals.warning(("verb", ident), "unknown verb %r from %s", verb, self.table.peers[ident].name)
+            else:
+                handler(ident, raw, verb, device, name, flags, payload)
+
+    # -- one method per verb (the header is parsed once, above) ---------------------------------
+    def _on_heartbeat(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                      payload: Payload) -> None:
+        self._queue(ident, wire.header(wire.HB), b"")
+
+    def _on_driver_output(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                          payload: Payload) -> None:
+        """DEF SET DEL MSG: to every interested peer; a DEF claims its device, a whole-device DEL
+        gives it up; a BLOB's gateways are counted for the owner's pacing window."""
+        table = self.table
+        if not table.accepts(ident, device):
+            self.echoes += 1
+            return
+        if verb == wire.DEF and device:
+            if table.owners.get(device) != ident:
+                self.on_change()
+            previous = table.claim(ident, device)
+            if previous is not None:
+                self._refusals.warning(("moved", device), "device %r moved from %s to %s", device,
+                                       table.peers[previous].name if previous in table.peers else previous,
+                                       table.peers[ident].name)
+            if device in self._awaiting:
+                self._deliver_awaiting(device, ident)
+        elif verb == wire.DEL and device and not name:
+            table.release(ident, device)
+            self.on_change()
+        blob = flags == wire.FLAG_BLOB
+        targets = table.targets(device, name, blob)
+        for target in targets:
+            self._queue(target, head, payload)
+        if blob and device:
+            gateways = [t for t in targets if table.peers[t].role == "gateway"]
+            if self.pacing.routed(device, gateways):
+                self._flow(ident, device, wire.FLOW_DONE)
+
+    def _on_snoop(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                  payload: Payload) -> None:
+        """A client's set/def/del/message (a chained server relaying its devices): to snooping
+        drivers only, never on to clients or bridges, so it cannot circle."""
+        table = self.table
+        for target in table.targets(device, name, flags == wire.FLAG_BLOB):
+            if table.peers[target].role == "driver":
+                self._queue(target, head, payload)
+
+    def _on_get_properties(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                           payload: Payload) -> None:
+        if device:
+            # A device nobody has defined: dropped, as indiserver does (the asker's interest is
+            # registered, so it gets the definitions when the driver defines it).
+            owner = self.table.owner(device)
+            if owner is not None:
+                self._queue(owner, head, payload)
+            return
+        for target in self.table.drivers():
+            if target != ident:
+                self._queue(target, head, payload)
+
+    def _on_new(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                payload: Payload) -> None:
+        """A client's command: to the device's owner. For a device not (yet) defined it waits
+        up to AWAIT_DEFINITION: a driver's definitions and a client's answer to them cross
+        different processes, so the answer can arrive first (indi_setprop right after a driver
+        starts); past that, or past the byte bound, it is dropped as indiserver drops it."""
+        owner = self.table.owner(device)
+        if owner is not None:
+            self._queue(owner, head, payload)
+            return
+        now = time.monotonic()
+        self._expire_awaiting(now)
+        size = len(payload)
+        if self._awaiting_bytes + size > AWAIT_BYTES:
+            self._refusals.warning(("unknown", device), "new*Vector for unknown device %r dropped", device)
+            return
+        self._awaiting.setdefault(device, []).append((now, head, _as_bytes(payload)))
+        self._awaiting_bytes += size
+
+    def _deliver_awaiting(self, device: str, owner: bytes) -> None:
+        for _, head, payload in self._awaiting.pop(device):
+            self._awaiting_bytes -= len(payload)
+            self._queue(owner, head, payload)
+
+    def _expire_awaiting(self, now: float) -> None:
+        for device in [d for d, held in self._awaiting.items() if now - held[0][0] > AWAIT_DEFINITION]:
+            held = self._awaiting.pop(device)
+            self._awaiting_bytes -= sum(len(p) for _, _, p in held)
+            self._refusals.warning(("unknown", device), "%d new*Vector for unknown device %r dropped",
+                                   len(held), device)
+
+    def _on_flow(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                 payload: Payload) -> None:
+        """BLOB pacing from a gateway, told on to the device's owner (broker/pacing.py)."""
+        owner = self.table.owner(device)
+        if owner is None or owner == ident:
+            return
+        if flags == wire.FLOW_DONE:
+            self._flow(owner, device, flags, self.pacing.done(ident, device))
+        elif flags == wire.FLOW_FULL:
+            if self.pacing.on_full(ident, device, self.table.targets(device, name, True)):
+                self._flow(owner, device, flags)
+        elif self.pacing.on_open(ident, device):
+            self._flow(owner, device, wire.FLOW_OPEN)
+
+    def _on_sub(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                payload: Payload) -> None:
+        try:
+            entries = wire.decode_interests(_as_bytes(payload))
+        except ValueError:
+            self._refusals.warning(("sub", ident), "bad SUB from %s", self.table.peers[ident].name)
+            return
+        self.table.set_interests(ident, entries)
 
     def _hello(self, ident: bytes, payload: bytes) -> None:
         try:
@@ -169,6 +268,7 @@ class Broker:
             return
         self._unpace(ident)
         self.table.add_peer(ident, data["role"], data["name"], data["devices"])
+        self.on_change()
         log.info("%s %s registered with %d device(s)", data["role"], data["name"], len(data["devices"]))
         self._queue(ident, wire.header(wire.HB), b"")
 
@@ -198,6 +298,7 @@ class Broker:
                 except zmq.ZMQError as exc:
                     if exc.errno == zmq.EHOSTUNREACH:
                         self.table.remove_peer(ident)
+                        self.on_change()
                         self._unpace(ident)
                         log.info("peer %r has gone; forgotten", ident)
                         break
@@ -237,51 +338,37 @@ class Broker:
 def main(settings: WorkerSettings) -> int:
     runtime = RuntimeDir.from_env()
     configure_logging("broker")
-    # Signals only write to a pipe the poller watches; the loop acts on them.
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    reactor = Reactor()
+    reactor.on_signal(signal.SIGTERM, lambda _signum: reactor.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the arbiter, which stops us in order
     ctx = zmq.Context()
     broker = Broker(ctx, runtime.broker_endpoint, runtime.instance)
-    poller = zmq.Poller()
-    poller.register(broker.sock, zmq.POLLIN)
-    poller.register(wake_r, zmq.POLLIN)
+    status = StatusFile(runtime, "broker", broker.status, reactor, settings.liveness)
+    broker.on_change = status.changed
+    broker.attach(reactor)
     lifeline = lifeline_fd()
     if lifeline is not None:
-        poller.register(lifeline, zmq.POLLIN)
+        os.set_blocking(lifeline, False)
+        reactor.add_reader(lifeline, lambda fd: _on_lifeline(fd, reactor))
+    status.start()
     log.info("broker routing on %s", runtime.broker_endpoint)
-    written: dict | None = None
-    last_status = 0.0
-    while True:
-        events = dict(poller.poll(int(STATUS_INTERVAL * 1000)))
-        if wake_r in events:
-            if signal.SIGTERM in os.read(wake_r, 4096):
-                break
-        if lifeline is not None and lifeline in events:
-            try:
-                if not os.read(lifeline, 4096):
-                    log.warning("arbiter gone; broker exits")
-                    break
-            except BlockingIOError:
-                pass
-        if broker.sock in events:
-            for _ in range(1000):  # a bounded batch, then look at signals and the lifeline again
-                try:
-                    msg = recv_frames(broker.sock)
-                except zmq.Again:
-                    break
-                broker.handle(msg)
-            broker.flush()
-        now = time.monotonic()
-        if now - last_status >= STATUS_INTERVAL:
-            last_status = now
-            status = broker.status()
-            if status != written:
-                written = status
-                statusfile_write(runtime, "broker", status)
-            else:
-                touch_status(runtime, "broker")  # a sign of life for the arbiter
-    broker.close()
-    ctx.term()
+    try:
+        reactor.run()
+    finally:
+        signal.set_wakeup_fd(-1)
+        reactor.remove_zmq(broker.sock)
+        broker.close()
+        ctx.term()
+        reactor.close()
     return 0
+
+
+def _on_lifeline(fd: int, reactor: Reactor) -> None:
+    """EOF: the arbiter has died and the broker goes with it. (It tells the broker nothing.)"""
+    try:
+        if os.read(fd, 4096):
+            return
+    except BlockingIOError:
+        return
+    log.warning("arbiter gone; broker exits")
+    reactor.stop()

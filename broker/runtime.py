@@ -2,8 +2,9 @@
 
 One instance per port: ``$XDG_RUNTIME_DIR/indibroker/<port>`` (or ``/tmp/indibroker-<uid>/<port>``),
 mode 0700, guarded by an exclusive lock on its pidfile so that a second `indibroker start` on the
-same port fails loudly instead of stealing the backbone sockets. Workers learn the directory from
-the environment the arbiter gives them, and write their status there as small JSON files.
+same port fails loudly instead of stealing the backbone sockets. The broker and the workers learn
+the directory from the environment the arbiter gives them, and keep their status there as small
+JSON files (`StatusFile`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import shutil
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from indibroker.broker.errors import RuntimeDirBusy
 
-__all__ = ["RuntimeDir", "configure_logging", "lifeline_fd", "statusfile_write", "ENV_RUNTIME",
-           "ENV_INSTANCE", "ENV_LIFELINE", "default_base", "touch_status", "status_age"]
+__all__ = ["RuntimeDir", "StatusFile", "configure_logging", "lifeline_fd", "statusfile_write", "ENV_RUNTIME",
+           "ENV_INSTANCE", "ENV_LIFELINE", "ENV_LOGLEVEL", "default_base", "touch_status", "status_age"]
 
 ENV_RUNTIME = "INDIBROKER_RUNTIME"
 ENV_INSTANCE = "INDIBROKER_INSTANCE"
@@ -187,6 +189,61 @@ def touch_status(runtime: RuntimeDir, name: str) -> None:
         os.utime(runtime.status_dir / f"{name}.json")
     except OSError:
         pass
+
+
+class _Timers(Protocol):
+    def call_later(self, delay: float, callback: Callable[[], None]) -> object: ...
+
+
+class StatusFile:
+    """One process's status file, as the broker and every worker keep it.
+
+    Rewritten only when what it says has changed: `changed()` asks for a write soon, so a burst of
+    changes costs one write. Every `liveness / 3` seconds it is refreshed (rewritten if its
+    content changed unannounced, a counter say, else touched): the arbiter takes a file older
+    than `liveness` for a hung process. No other timer: an idle process wakes only for that.
+    """
+
+    COALESCE = 0.2  # seconds between a change and its write
+
+    def __init__(self, runtime: RuntimeDir, name: str, snapshot: Callable[[], dict[str, Any]],
+                 timers: _Timers, liveness: float):
+        self.runtime = runtime
+        self.name = name
+        self.snapshot = snapshot
+        self.timers = timers
+        self.liveness = liveness
+        self._written: dict[str, Any] | None = None
+        self._due = False
+
+    def start(self) -> None:
+        """Write the file now, and keep it fresh from now on."""
+        self.write()
+        self.timers.call_later(self.liveness / 3, self._refresh)
+
+    def changed(self) -> None:
+        """What the file says has changed: write it soon (coalesced)."""
+        if not self._due:
+            self._due = True
+            self.timers.call_later(self.COALESCE, self.write)
+
+    def write(self) -> None:
+        """Write the file now if its content changed."""
+        self._due = False
+        self._write()
+
+    def _write(self) -> bool:
+        data = self.snapshot()
+        if data == self._written:
+            return False
+        self._written = data
+        statusfile_write(self.runtime, self.name, data)
+        return True
+
+    def _refresh(self) -> None:
+        if not self._write():
+            touch_status(self.runtime, self.name)  # a sign of life for the arbiter
+        self.timers.call_later(self.liveness / 3, self._refresh)
 
 
 def status_age(runtime: RuntimeDir, name: str) -> float | None:

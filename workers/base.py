@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from indibroker.broker.runtime import RuntimeDir, configure_logging, lifeline_fd, statusfile_write, touch_status
+from indibroker.broker.runtime import RuntimeDir, StatusFile, configure_logging, lifeline_fd
 from indibroker.workers.backbone import Backbone, BackboneLink
 from indibroker.workers.linebuffer import LineBuffer
 from indibroker.workers.reactor import Reactor
@@ -30,7 +30,6 @@ from indibroker.workers.settings import Inheritance, WorkerSettings
 __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
-
 
 
 class Worker:
@@ -51,10 +50,9 @@ class Worker:
         self.ctx: zmq.Context | None = None
         self._lifeline = lifeline_fd() if runtime is None else None
         self._commands = LineBuffer()
-        self._status_written: dict[str, Any] | None = None
-        self._status_timer_due = False
         self.started = time.time()
         self.liveness = settings.liveness
+        self._status_file = StatusFile(self.runtime, self.name, self._status_data, self.reactor, self.liveness)
         self.orphaned = False  # the arbiter died: stop fast, reach no broker
 
     def connect(self, backbone: BackboneLink | None = None) -> None:
@@ -99,21 +97,10 @@ class Worker:
     # -- machinery --------------------------------------------------------------------------
     def status_changed(self) -> None:
         """Write the status file soon (coalesced: a burst of changes costs one write)."""
-        if not self._status_timer_due:
-            self._status_timer_due = True
-            self.reactor.call_later(0.2, self._write_status)
+        self._status_file.changed()
 
-    def _write_status(self) -> None:
-        self._status_timer_due = False
-        data = {"role": self.role, "name": self.name, "pid": os.getpid(), **self.status()}
-        if data != self._status_written:
-            self._status_written = data
-            statusfile_write(self.runtime, self.name, data)
-
-    def _sign_of_life(self) -> None:
-        """Touch our status file: the arbiter kills a worker whose file goes stale (hung)."""
-        touch_status(self.runtime, self.name)
-        self.reactor.call_later(self.liveness / 3, self._sign_of_life)
+    def _status_data(self) -> dict[str, Any]:
+        return {"role": self.role, "name": self.name, "pid": os.getpid(), **self.status()}
 
     def _on_lifeline(self) -> None:
         assert self._lifeline is not None
@@ -151,8 +138,7 @@ class Worker:
         self.reactor.on_signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the arbiter stops us in order on Ctrl-C
         self.setup()
-        self._write_status()
-        self.reactor.call_later(self.liveness / 3, self._sign_of_life)
+        self._status_file.start()  # written now, then kept fresh: the arbiter's sign of life
         try:
             self.reactor.run()
         finally:

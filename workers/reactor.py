@@ -1,6 +1,8 @@
-"""A small event loop for workers: file descriptors, one ZeroMQ socket, timers and signals.
+"""The one event loop of every process: file descriptors, one ZeroMQ socket, timers and signals.
 
-One thread, epoll, no busy polling: an idle worker sleeps until its next timer.
+The arbiter, the broker and every worker run on it. One thread, epoll, no busy polling: an idle
+process sleeps until its next timer. Signals reach it through one self-pipe (`on_signal`). It
+touches ZeroMQ only in `add_zmq`, so the arbiter (which must never hold a context) uses it too.
 The ZeroMQ socket is watched through its edge-triggered `FD`, so after every pass the loop checks
 `EVENTS` itself and never sleeps while a message is waiting.
 """
