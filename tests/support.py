@@ -6,6 +6,7 @@ Everything waits on conditions with deadlines, never on fixed sleeps.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -331,3 +332,67 @@ def clients(port: int, n: int) -> Iterator[list[RawClient]]:
     finally:
         for c in made:
             c.close()
+
+
+# -- markers: make a negative check mean something ---------------------------------------------
+_unique = itertools.count(1)
+
+
+def unique(prefix: str = "marker") -> str:
+    """A value no other marker of this run uses."""
+    return f"{prefix}-{os.getpid()}-{next(_unique)}"
+
+
+def ping(c: RawClient, timeout: float = 20.0) -> int:
+    """Send a pingRequest and wait for its pingReply; return the index just past the reply.
+
+    The server answers it itself, after everything the client sent before it, and queues the
+    reply behind everything already queued for the client: once it is in, so is all of that."""
+    uid = unique("ping")
+    mark = len(c.elements)
+    c.send(f'<pingRequest uid="{uid}"/>')
+    reply = c.wait_for(lambda e: e.tag == "pingReply" and e.get("uid") == uid, timeout, start=mark,
+                       what=f"pingReply {uid}")
+    return c.elements.index(reply, mark) + 1
+
+
+def mark_through(c: RawClient, device: str, vector: str, member_name: str, timeout: float = 30.0,
+                 sender: RawClient | None = None) -> int:
+    """A marker through a driver: set text member `member_name` of `device`'s `vector` to a value
+    never used before (sent by `sender`, by default `c`) and wait until `c` gets the driver's
+    setTextVector carrying it. Return the index just past that element in c.elements.
+
+    The driver writes its answer after everything it wrote before, and that answer travels the
+    same ordered path to `c` (driver, worker, broker, gateway, socket) as everything routed to `c`
+    before it: once the marker is in, `c` has been sent all of that, so asserting that something
+    from before it is absent means it was never sent."""
+    value = unique()
+    mark = len(c.elements)
+    (sender or c).send(f'<newTextVector device="{device}" name="{vector}">'
+                       f'<oneText name="{member_name}">{value}</oneText></newTextVector>')
+
+    def carries(e: Element) -> bool:
+        if e.tag != "setTextVector" or e.get("device") != device or e.get("name") != vector:
+            return False
+        try:
+            return member(e, member_name) == value
+        except KeyError:
+            return False
+
+    el = c.wait_for(carries, timeout, start=mark, what=f"marker {value} through {device}")
+    return c.elements.index(el, mark) + 1
+
+
+def wait_count(c: RawClient, n: int, tag: str | None = None, device: str | None = None,
+               name: str | None = None, start: int = 0, timeout: float = 30.0, what: str = "") -> int:
+    """Read until `c` holds `n` matching elements from `start` on; return the index just past the nth."""
+    seen = 0
+
+    def nth(e: Element) -> bool:
+        nonlocal seen
+        if matches(e, tag, device, name):
+            seen += 1
+        return seen >= n
+
+    el = c.wait_for(nth, timeout, start=start, what=what or f"{n} x {tag} {device} {name}")
+    return c.elements.index(el, start) + 1

@@ -21,6 +21,7 @@ from support import (
     fits_header,
     getprop,
     is_,
+    mark_through,
     member,
     new_vector,
     setprop,
@@ -32,6 +33,9 @@ pytestmark = pytest.mark.usefixtures("indi_bin")
 CCD = "CCD Simulator"
 SCOPE = "Telescope Simulator"
 SIMS = ("--exdriver", "indi_simulator_telescope", "--exdriver", "indi_simulator_ccd")
+# Text members each simulator echoes in a setTextVector when set (markers: support.mark_through).
+CCD_MARK = ("ACTIVE_DEVICES", "ACTIVE_SKYQUALITY")
+SCOPE_MARK = ("ACTIVE_DEVICES", "ACTIVE_GPS")
 
 
 @pytest.fixture
@@ -99,10 +103,12 @@ def test_blobs_reach_only_clients_that_asked(broker_factory, home):
             also.wait_for(lambda e, n=exposure: e.tag == "setBLOBVector" and also.count("setBLOBVector") >= n,
                           30, what=f"BLOB of exposure {exposure} at the Also client")
         only.wait_for(lambda e: only.count("setBLOBVector") >= 2, 30, what="2 BLOBs at the Only client")
-        # Let the Never client catch up on everything sent so far, then count.
-        control.wait_for(is_("setNumberVector", CCD, "CCD_EXPOSURE"), 10)
-        never.pump(1.0)
-        also.pump(0.2)
+        # Markers the CCD writes after both BLOBs: the Also and Never clients have been sent
+        # everything the CCD wrote before. Then one through the telescope for the Only client (it
+        # gets nothing of the CCD but BLOBs): routed after all of that, it arrives behind it.
+        mark_through(also, CCD, *CCD_MARK)
+        mark_through(never, CCD, *CCD_MARK)
+        mark_through(only, SCOPE, *SCOPE_MARK)
         assert also.count("setBLOBVector", CCD) == 2
         assert never.count("setBLOBVector") == 0
         assert never.count("setNumberVector", CCD, "CCD_EXPOSURE") > 0  # it did get the rest
@@ -124,9 +130,13 @@ def test_ccd_snoops_telescope_through_broker(broker_factory, home):
         control.wait_for(is_("defNumberVector", SCOPE, "EQUATORIAL_EOD_COORD"), 30)
         connect_ccd(control)
         control.wait_for(is_("defTextVector", CCD, "ACTIVE_DEVICES"), 10)
+        mark = len(control.elements)
         control.send(new_vector("Text", CCD, "ACTIVE_DEVICES", {"ACTIVE_TELESCOPE": SCOPE}))
-        control.wait_for(is_("setTextVector", CCD, "ACTIVE_DEVICES"), 10)
-        control.pump(1.5)  # the telescope's next coordinate updates flow to the CCD
+        control.wait_for(is_("setTextVector", CCD, "ACTIVE_DEVICES"), 10, start=mark)
+        # The CCD asks to snoop the telescope's coordinates; the telescope's answer (its current
+        # coordinates) goes to every client and to the CCD, which asked for it.
+        control.wait_for(is_("defNumberVector", SCOPE, "EQUATORIAL_EOD_COORD"), 20, start=mark,
+                         what="the telescope's coordinates, answering the CCD's snoop request")
         expose(control)
         blob = control.wait_for(is_("setBLOBVector", CCD), 30, what="the exposure")
         header = fits_header(blob)
@@ -200,7 +210,10 @@ def test_bad_getproperties_version_harms_no_driver(broker_factory, home, request
         before = driver_pids(b)
         client.send(request_xml)
         client.wait_for(is_("defSwitchVector", CCD, "CONNECTION"), 20, what="definitions for the client")
-        watcher.pump(1.0)
+        # Markers each driver writes after it handled the request: a driver that died of it
+        # would have had its delProperty sent to the watcher before them.
+        mark_through(watcher, CCD, *CCD_MARK, sender=client)
+        mark_through(watcher, SCOPE, *SCOPE_MARK, sender=client)
         assert watcher.count("delProperty") == 0
         rows = {r["name"]: r for r in b.status() if r["role"] == "driver"}
         assert {n: r["pid"] for n, r in rows.items()} == before

@@ -81,7 +81,7 @@ def test_ipyclient_sees_all_devices_and_drives_led(rig):
 
     r = rig()
 
-    async def session() -> tuple[set[str], str]:
+    async def session() -> str:
         client = IPyClient(indihost="localhost", indiport=r.port)
         client.set_vector_timeouts(timeout_enable=False)
         task = asyncio.create_task(client.asyncrun())
@@ -92,18 +92,17 @@ def test_ipyclient_sees_all_devices_and_drives_led(rig):
                     assert asyncio.get_running_loop().time() < end, "timed out"
                     await asyncio.sleep(0.05)
 
-            await until(lambda: {"thermo", "led", SCOPE} <= set(client))
+            # Every device of the rig, however the drivers' start-ups interleave.
+            await until(lambda: {"thermo", "led", "crashy", "snooper", SCOPE} <= set(client))
             await until(lambda: "LED" in client["led"])
             await client.send_newVector("led", "LED", members={"LED_ON": "On"})
             await until(lambda: client["led"]["LED"]["LED_ON"] == "On", 15)
-            return set(client), client["led"]["LED"].state
+            return str(client["led"]["LED"].state)
         finally:
             client.shutdown()
             await asyncio.wait_for(task, 10)
 
-    devices, state = asyncio.run(session())
-    assert {"thermo", "led", "crashy", "snooper", SCOPE} <= devices
-    assert state == "Ok"
+    assert asyncio.run(session()) == "Ok"
     # Each Python driver runs in a process of its own.
     drivers = [p for p in r.tree() if p.cmdline()[1:2] == ["rig.py"] and p.pid != r.proc.pid]
     assert len(drivers) == 4

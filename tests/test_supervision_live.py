@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support import Broker, RawClient, clients, is_, member, new_vector, wait_until
+from support import Broker, RawClient, clients, is_, member, new_vector, wait_count, wait_until
 
 pytestmark = pytest.mark.usefixtures("indi_bin")
 
@@ -88,12 +88,6 @@ class TimedClient(RawClient):
 
     def pump(self, timeout: float = 0.05, first: bool = True) -> int:
         return super().pump(timeout, first)
-
-    def watch(self, seconds: float) -> None:
-        """Keep reading for `seconds` (a bounded observation window, not a synchronisation)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not self.closed:
-            self.pump(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def index(self, pred: Callable[[Any], bool], start: int = 0) -> int:
         for i in range(start, len(self.elements)):
@@ -195,6 +189,13 @@ def tree_rss(b: Broker) -> int:
     return total
 
 
+def cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def message_text(e: Any) -> str:
     return e.get("message") or ""
 
@@ -239,14 +240,15 @@ def test_kill9_driver_restarts_and_others_never_notice(run):
         again = c.wait_for(is_("defSwitchVector", CCD, "CONNECTION"), 10, start=mark,
                            what="the CCD's properties defined again within 10 s")
         redefined_at = c.index(lambda e: e is again, mark)
-        c.watch(2.0)  # the telescope's traffic, a while past the restart
+        # The telescope's traffic, a while past the restart (it updates a few times a second).
+        wait_count(c, 8, "setNumberVector", SCOPE, "EQUATORIAL_EOD_COORD", start=redefined_at + 1, timeout=20,
+                   what="the telescope's updates after the CCD's restart")
 
         assert not c.closed, "the client's connection dropped"
         gone = c.index(is_("delProperty", CCD), mark)
         assert 0 <= gone < redefined_at, "no delProperty for the CCD before it came back"
         told = c.index(lambda e: e.tag == "message" and "indi_simulator_ccd" in message_text(e), mark)
         assert 0 <= told, "no message naming the driver"
-        assert c.times[redefined_at] - killed < 10
 
         coords = [t for e, t in zip(c.elements, c.times, strict=True)
                   if e.tag == "setNumberVector" and e.get("device") == SCOPE
@@ -283,11 +285,15 @@ def test_crash_looping_driver_backs_off_then_goes_fatal(run, tmp_path):
 
         starts = [t for t, _ in log_events(b, r"^driver exit_now\.py started \(pid")]
         assert len(starts) == 4, f"expected the first start and 3 restarts, got {len(starts)}:\n{b.log()}"
-        delays = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
-        assert delays[0] < delays[1] < delays[2], f"delays between tries do not grow: {delays}"
-        announced = [float(m.group(1)) for _, m in
-                     log_events(b, r"^driver exit_now\.py exited .*restarting in ([0-9.]+) s")]
+        exits = [(t, float(m.group(1))) for t, m in
+                 log_events(b, r"^driver exit_now\.py exited .*restarting in ([0-9.]+) s")]
+        announced = [delay for _, delay in exits]
         assert announced == sorted(announced) and len(set(announced)) == 3, announced
+        # Each try really waited what was announced (the log's clock counts milliseconds). From
+        # an exit to the next start, not start to start: how long a try ran is the machine's.
+        waited = [start - exited for (exited, _), start in zip(exits, starts[1:], strict=True)]
+        assert all(w >= d - 0.002 for w, d in zip(waited, announced, strict=True)), \
+            f"restarted before the announced delay: waited {waited}, announced {announced}"
         assert any("not restarting" in m.group(0) for _, m in
                    log_events(b, r"^driver exit_now\.py exited .*"))
         # The child's stderr was logged (what it said before dying is not lost).
@@ -349,7 +355,6 @@ def test_kill9_gateway_new_connections_served_again(run):
     old = wait_row(b, "gateway-0", running)["pid"]
     b.tree()
     os.kill(old, signal.SIGKILL)
-    killed = time.monotonic()
 
     def served() -> bool:
         try:
@@ -364,7 +369,6 @@ def test_kill9_gateway_new_connections_served_again(run):
         return False
 
     wait_until(served, 10, interval=0.2, what="a new connection to be served")
-    assert time.monotonic() - killed < 10
     new = wait_row(b, "gateway-0", lambda r: running(r) and r["pid"] != old, 5, what="a new gateway")
     assert new["restarts"] == 1
     finish(b)
@@ -516,12 +520,14 @@ def test_flooding_driver_read_by_a_client_does_not_starve_its_neighbour(run):
             wait_until(lambda: watcher.received > 1024 * 1024, 20, what="the flood to flow")
             flowed = watcher.received
             latencies = []
-            deadline = time.monotonic() + 4
+            deadline = time.monotonic() + 60
             on = True
-            while time.monotonic() < deadline:
+            # Round trips for as long as the next 8 MB of the flood take to flow, and at least 10.
+            while len(latencies) < 10 or watcher.received - flowed < 8 * 1024 * 1024:
+                assert time.monotonic() < deadline, \
+                    f"the flood did not keep flowing: {watcher.received - flowed} bytes in 60 s"
                 latencies.append(led_round_trip(prober, on, timeout=10))
                 on = not on
-            assert watcher.received - flowed > 4 * 1024 * 1024, "the flood did not keep flowing"
             # A worker that read the flooder until EAGAIN would never answer; one that shares its
             # turns answers quickly most of the time, with a tail from the backlog on the backbone.
             latencies.sort()
@@ -578,27 +584,39 @@ def test_driver_stop_start_restart_through_the_control_socket(run):
 
 def test_stopped_driver_stays_stopped_when_its_worker_is_restarted(run):
     """An operator's stop outlives a crash of the exdriver worker that supervised the driver."""
-    b = run()
+    # The demo, and beside it in the same worker a driver that stays running (a marker: the new
+    # worker starts the drivers it starts all at once, before it serves anyone).
+    b = run("--exdriver", DEMO, "--exdriver", f"{DRIVERS / 'chatty.py'} stays-stopped")
     with client(b.port) as c:
         c.send('<getProperties version="1.7"/>')
         c.wait_for(is_("defSwitchVector", "LED", "LED_CONTROL"), 20)
-        wait_row(b, "demo", running)
-        assert b.cli("driver", "stop", "demo").returncode == 0
-        wait_row(b, "demo", lambda r: r["state"] == "STOPPED", 10)
+        c.wait_for(is_("defSwitchVector", "Chatty", "PING"), 20)
+        wait_row(b, DEMO_NAME, running)
+        mark = len(c.elements)
+        assert b.cli("driver", "stop", DEMO_NAME).returncode == 0
+        wait_row(b, DEMO_NAME, lambda r: r["state"] == "STOPPED", 10)
+        # Its delProperty comes after everything it said before the stop.
+        c.wait_for(is_("delProperty", "LED"), 10, start=mark, what="LED's delProperty on stop")
+        c.wait_for(is_("delProperty", "Thermostat"), 10, start=mark, what="Thermostat's delProperty on stop")
         worker = wait_row(b, "exdriver-0", running)["pid"]
         b.tree()
         registered = len(log_events(b, r"^driver exdriver-0 registered"))
+        mark = len(c.elements)
         os.kill(worker, signal.SIGKILL)
-        wait_row(b, "exdriver-0", lambda r: running(r) and r["pid"] != worker, 10, what="a new worker")
+        new_worker = wait_row(b, "exdriver-0", lambda r: running(r) and r["pid"] != worker, 10,
+                              what="a new worker")["pid"]
         wait_until(lambda: len(log_events(b, r"^driver exdriver-0 registered")) > registered, 10,
                    what="the new worker to register with the broker")
-        c.watch(1.0)  # read what was already on its way (definitions from before the stop)
-        mark = len(c.elements)
+        # A running demo driver would answer this with its definitions. The marker: the new
+        # worker's Chatty answers it, so the new worker has started what it was going to start.
+        asked = len(c.elements)
         c.send('<getProperties version="1.7"/>')
-        c.watch(2.0)  # a running demo driver would answer with its definitions
+        c.wait_for(is_("defSwitchVector", "Chatty", "PING"), 20, start=asked, what="Chatty, restarted, answering")
+        assert not any("indibroker.workers.demo" in cmdline(p) for p in psutil.Process(new_worker).children()), \
+            "the stopped driver was started again by the new worker"
         assert c.index(is_("defSwitchVector", "LED"), mark) < 0, \
             "the stopped driver was started again by the new worker"
-        row = find_row(b, "demo")
+        row = find_row(b, DEMO_NAME)
         assert row is not None and row["state"] == "STOPPED" and row["pid"] is None, row
 
 
@@ -715,14 +733,13 @@ def test_hung_worker_is_killed_and_restarted(broker_factory, tmp_path):
     old = next(r["pid"] for r in b.status() if r["role"] == "gateway")
     os.kill(old, signal.SIGSTOP)
     try:
-        new = wait_until(lambda: next((r["pid"] for r in b.status() if r["role"] == "gateway"
-                                       and r["pid"] not in (None, old)), None), 20, what="a new gateway")
+        wait_until(lambda: next((r["pid"] for r in b.status() if r["role"] == "gateway"
+                                 and r["pid"] not in (None, old)), None), 20, what="a new gateway")
     finally:
         try:
             os.kill(old, signal.SIGCONT)
         except ProcessLookupError:
             pass
-    assert new != old
     assert "shown no sign of life" in b.log()
     with clients(b.port, 1) as (c,):
         c.send('<getProperties version="1.7"/>')
