@@ -342,6 +342,18 @@ def test_an_added_driver_starts(make) -> None:
     assert w.owned_devices() == ["Guider"]
 
 
+def test_adding_a_driver_whose_restart_is_pending_starts_one_process_not_two(make) -> None:
+    w = make(driver("cam", restart={**FAST, "backoff_initial": 0.2, "backoff_max": 0.2}))
+    started(w).exit(3)  # a restart is now pending, 0.2 s away
+    turn(w, lambda: w.drivers["cam"].restart_timer is not None, "the pending restart")
+    w.on_command({"cmd": "driver", "action": "add", "settings": driver("cam").settings(config()).to_dict()})
+    assert len(calls_of(w).drivers) == 2  # the added one
+    replaced = w.drivers["cam"]
+    mark = time.monotonic()
+    turn(w, lambda: time.monotonic() - mark > 0.4, "past the old restart's time")
+    assert len(calls_of(w).drivers) == 2 and w.drivers["cam"] is replaced
+
+
 def test_a_driver_not_on_path_is_given_up_on(make) -> None:
     calls = FakeCalls()
     calls.missing.add("indi_gone")

@@ -169,9 +169,12 @@ class ExDriverWorker(Worker):
         action, name = command.get("action"), command.get("name", "")
         if action == "add":
             spec = DriverSettings.from_dict(command["settings"])
-            if spec.name in self.drivers and self.drivers[spec.name].running:
+            old = self.drivers.get(spec.name)
+            if old is not None and old.running:
                 log.warning("driver %s already running", spec.name)
                 return
+            if old is not None and old.restart_timer is not None:  # its pending restart must not
+                old.restart_timer.cancel()  # start a process for the record replaced here
             self.drivers[spec.name] = self._new_driver(spec)
             self._start(self.drivers[spec.name])
             return
