@@ -53,8 +53,10 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class RawClient:
     """A raw INDI client: a TCP socket and our own codec, every element kept in order."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1"):
-        self.sock = socket.create_connection((host, port), timeout=5)
+    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None):
+        """`source`: the local address to connect from (another loopback address, for access rules)."""
+        self.sock = socket.create_connection((host, port), timeout=5,
+                                             source_address=(source, 0) if source else None)
         self.sock.setblocking(False)
         self.decoder = StreamDecoder()
         self.elements: list[Element] = []

@@ -107,7 +107,7 @@ class ConnectionSlots:
     def __init__(self, directory: Path, count: int):
         self.directory = directory
         self.count = count
-        directory.mkdir(mode=0o700, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def take(self) -> int | None:
         """An open, locked slot fd, or None when every slot is taken."""
@@ -131,7 +131,7 @@ class Client:
     idle client), and what it is owed."""
 
     __slots__ = ("fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
-                 "write_dead", "slot", "dirty", "partial")
+                 "write_dead", "slot", "host_slot", "dirty", "partial")
 
     def __init__(self, fd: int, peer: str):
         self.fd = fd
@@ -143,6 +143,7 @@ class Client:
         self.closed = False
         self.write_dead = False  # the peer stopped reading (EPIPE): still read what it sent
         self.slot = -1  # its ConnectionSlots lock, when maxconnections is set
+        self.host_slot = -1  # its lock among its address's, when max_connections_per_address is set
         self.dirty = False  # has output queued since the last flush of this turn
         self.partial = 0  # bytes its decoder holds of an unfinished element (counted in the total)
 
@@ -153,8 +154,9 @@ class Admission:
     when the gateway is out of descriptors. An admitted socket is handed to `admit`."""
 
     def __init__(self, settings: GatewaySettings, reactor: Reactor, slots_dir: Path,
-                 admit: Callable[[socket.socket, str, int], None], clients: Sized):
+                 admit: Callable[[socket.socket, str, int, int], None], clients: Sized):
         self.settings = settings
+        self.access = settings.access
         self.reactor = reactor
         self.maxconnections = settings.maxconnections  # 0: unlimited
         self.listener: socket.socket | None = None
@@ -207,6 +209,12 @@ class Admission:
                 self._pause_accepting()
                 return
             peer = f"{addr[0]}:{addr[1]}"
+            if not self.access.open:
+                why = self.access.admit(addr[0])
+                if why is not None:  # closed at once: it never reaches the broker
+                    self._warn.warning(("refused", addr[0]), "refused %s: %s", peer, why)
+                    sock.close()
+                    continue
             if sock.fileno() >= ceiling:
                 # Only the last few descriptors are left: they are for the gateway's own needs
                 # (status file, slot locks, the backbone), not for one more client.
@@ -294,11 +302,31 @@ class Admission:
                 self._refuse_no_fds(sock, peer)
                 return
             slot = taken
+        host_slot = -1
+        if self.access.max_per_address:
+            host = peer.rpartition(":")[0]
+            try:
+                host_slot = ConnectionSlots(self._slots_dir / "by-address" / host.replace("/", "_"),
+                                            self.access.max_per_address).take() or -1
+            except OSError as exc:
+                self._warn.warning("slots", "refused %s: no connection slot (%s)", peer, exc)
+                host_slot = -2
+            if host_slot < 0:
+                if slot >= 0:
+                    os.close(slot)
+                if host_slot == -1:
+                    self._warn.warning(("per-address", host), "refused %s: %d connections from %s already",
+                                       peer, self.access.max_per_address, host)
+                    _say_and_close(sock, f"indibroker: too many connections from {host} (at most "
+                                         f"{self.access.max_per_address}); try again later")
+                else:
+                    sock.close()
+                return
         if self._refused_unreported:
             if self._warn.log(logging.INFO, "fds-ok", "accepting connections again (%d refused for "
                               "want of file descriptors)", self._refused_unreported):
                 self._refused_unreported = 0
-        self._admit_socket(sock, peer, slot)
+        self._admit_socket(sock, peer, slot, host_slot)
 
     def _refuse(self, sock: socket.socket, peer: str) -> None:
         """Over maxconnections: say why in INDI, then close (no reset: the client reads it)."""
@@ -352,12 +380,13 @@ class Connections:
         for client in list(self.clients.values()):
             self.drop(client, "server stopping", level=logging.DEBUG)
 
-    def _add(self, sock: socket.socket, peer: str, slot: int) -> None:
+    def _add(self, sock: socket.socket, peer: str, slot: int, host_slot: int) -> None:
         """An admitted connection becomes a client (its socket object goes: the fd is kept)."""
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = Client(sock.detach(), peer)
         client.slot = slot
+        client.host_slot = host_slot
         self.clients[client.fd] = client
         self.reactor.add_reader(client.fd, self._on_client_read)
         log.info("client %s connected (%d now)", peer, len(self.clients))
@@ -506,9 +535,10 @@ class Connections:
             os.close(client.fd)
         except OSError:
             pass
-        if client.slot >= 0:
-            os.close(client.slot)
-            client.slot = -1
+        for lock in (client.slot, client.host_slot):
+            if lock >= 0:
+                os.close(lock)
+        client.slot = client.host_slot = -1
         self._dropped(client)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from indibroker.broker import wire
+from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.blobroom import BlobRoom, Signal
@@ -52,6 +53,8 @@ class Gateway(Worker):
         self.room = BlobRoom(settings.blob_drop_bytes)
         self._asked: dict[tuple[str, str], float] = {}  # getProperties sent, no definition back yet
         self._told_restart = -RESTART_NOTICE_GAP
+        self.access = settings.access
+        self._refusals = RateLimitedLog(log)
 
     @property
     def clients(self) -> dict[int, Client]:
@@ -103,6 +106,14 @@ class Gateway(Worker):
             if not device or not name:
                 log.info("client %s: %s without device or name ignored", client.peer, tag)
                 return
+            if not self.access.open:
+                why = self.access.may_write(client.peer.rpartition(":")[0], device)
+                if why is not None:  # nothing reaches a driver; the client is told why
+                    self._refusals.warning(("write", client.peer), "client %s: %s %s.%s refused: %s",
+                                           client.peer, tag, device, name, why)
+                    self.connections.deliver(client, indi.message(
+                        f"indibroker: {tag} {device}.{name} refused: {why}", device), blob=False)
+                    return
             self._add_interest(client, device, "")
             self.backbone.send(wire.NEW, device, name, b"", el.raw)
         elif tag == "getProperties":
