@@ -26,7 +26,8 @@ from typing import Any, Protocol
 from indibroker.broker.errors import RuntimeDirBusy
 
 __all__ = ["RuntimeDir", "StatusFile", "configure_logging", "lifeline_fd", "statusfile_write", "ENV_RUNTIME",
-           "ENV_INSTANCE", "ENV_LIFELINE", "ENV_LOGLEVEL", "default_base", "touch_status", "status_age"]
+           "ENV_INSTANCE", "ENV_LIFELINE", "ENV_LOGLEVEL", "default_base", "touch_status", "status_age",
+           "utc_formatter"]
 
 ENV_RUNTIME = "INDIBROKER_RUNTIME"
 ENV_INSTANCE = "INDIBROKER_INSTANCE"
@@ -264,15 +265,18 @@ class _UTCFormatter(logging.Formatter):
     converter = time.gmtime  # type: ignore[assignment]
 
 
+def utc_formatter(fields: str) -> logging.Formatter:
+    """The one timestamp format of every log indibroker writes (stderr and per-driver files):
+    ISO 8601 in UTC with milliseconds, then `fields`."""
+    return _UTCFormatter(f"%(asctime)s.%(msecs)03dZ {fields}", "%Y-%m-%dT%H:%M:%S")
+
+
 def configure_logging(role: str, level: int | None = None) -> None:
     """One format for every process, UTC timestamps, tagged with the process role and pid."""
     if level is None:
         level = int(os.environ.get(ENV_LOGLEVEL, logging.INFO))
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _UTCFormatter(f"%(asctime)s.%(msecs)03dZ {role}[%(process)d] %(levelname)s %(name)s: %(message)s",
-                      "%Y-%m-%dT%H:%M:%S")
-    )
+    handler.setFormatter(utc_formatter(f"{role}[%(process)d] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

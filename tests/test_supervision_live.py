@@ -669,6 +669,9 @@ def test_log_dir_gets_each_drivers_stderr(run, tmp_path):
     wait_until(lambda: other.exists() and "exit_now: exiting at once" in other.read_text(), 10)
     assert marker not in other.read_text(), "one driver's stderr landed in another's log file"
     assert "exit_now" not in own.read_text()
+    # One timestamp format everywhere: the main log's, in UTC.
+    first = own.read_text().splitlines()[0]
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", first), first
 
 
 # -- 9. status ---------------------------------------------------------------------------------------

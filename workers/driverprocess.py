@@ -28,6 +28,7 @@ from typing import Protocol
 
 from indibroker.broker.oscalls import pdeathsig_prefix, reap, signal_group, spawn
 from indibroker.broker.ratelog import RateLimitedLog
+from indibroker.broker.runtime import utc_formatter
 from indibroker.workers.linebuffer import LineBuffer
 from indibroker.workers.outstream import OutStream
 from indibroker.workers.reactor import Reactor, Timer
@@ -141,7 +142,7 @@ class DriverProcess:
                 log_dir / f"{spec.name}.log", maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_COUNT,
                 delay=True,  # opened at its first line: building a worker does no I/O
             )
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            handler.setFormatter(utc_formatter("%(message)s"))  # the main log's format, UTC
             self.file_log.handlers[:] = [handler]
             self.file_log.setLevel(logging.INFO)
 
