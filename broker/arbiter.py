@@ -312,6 +312,9 @@ class Arbiter:
                 row["clients"] = info.get("clients", 0)
             if child.role == "broker":
                 row["devices"] = info.get("devices", [])
+            if child.role == "remote":  # where it points, and the link's state since when
+                row.update({k: info[k] for k in ("remote", "link", "link_since", "last_error", "devices")
+                            if k in info})
             rows.append(row)
             for driver in info.get("drivers", []) if child.role == "exdriver" else []:
                 rows.append({

@@ -198,7 +198,11 @@ def _format_status(rows: list[dict[str, Any]]) -> str:
         if row["role"] == "driver":
             extra = ", ".join(row.get("devices", []))
         elif "remote" in row:  # a bridge: where it points and whether it is connected, since when
-            extra = f"{row['remote']} {row.get('link', '')}".rstrip()
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["link_since"])) \
+                if row.get("link_since") else ""
+            extra = f"{row['remote']} {row.get('link', '')} since {since}"
+            if row.get("link") != "connected" and row.get("last_error"):
+                extra += f" ({row['last_error']})"
         else:
             extra = f"{row['clients']} client(s)" if "clients" in row else ""
         if row.get("state") in ("BACKOFF", "FATAL", "STOPPED") and row.get("last_exit"):

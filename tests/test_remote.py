@@ -186,3 +186,19 @@ def test_remote_driver_snoops_a_device_served_here(broker_factory, home):
             blob = c.wait_for(is_("setBLOBVector", CCD), 40, what="the exposure through the bridge")
             header = fits_header(blob)
             assert "DEC     =" in header or "OBJCTDEC" in header, header[:1200]
+
+
+def test_status_shows_where_a_remote_points_and_its_link_since_when(broker_factory, home):
+    port = free_port()  # nothing listens there yet
+    b = broker_factory("--remote", f"localhost:{port}")
+    row = wait_until(lambda: next((r for r in b.status() if r["role"] == "remote" and r.get("last_error")), None),
+                     15, what="the bridge's first failed attempt in status")
+    assert row["remote"] == f"localhost:{port}" and row["link"] == "reconnecting"
+    assert "cannot connect" in row["last_error"]
+    table = b.cli("status").stdout
+    assert f"localhost:{port} reconnecting since " in table and "cannot connect" in table
+    with IndiServer("indi_simulator_focus", port=port, extra=("-u", f"/tmp/indiserver-{os.getpid()}-st")):
+        row = wait_until(lambda: next((r for r in b.status() if r["role"] == "remote" and r.get("link") == "connected"),
+                                      None), 20, what="the bridge connected in status")
+        assert "Focuser Simulator" in row["devices"]
+        assert f"localhost:{port} connected since " in b.cli("status").stdout

@@ -69,6 +69,8 @@ class RemoteBridge(Worker):
         self._retry: Timer | None = None
         self._recent_messages: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._down_since: float | None = None
+        self.link_since = time.time()  # wall clock: when the link last came up or went down
+        self.last_error = ""
 
     @property
     def where(self) -> str:
@@ -96,8 +98,9 @@ class RemoteBridge(Worker):
         return [("", "", wire.WANT_PLAIN)] if self.snoop_up else []
 
     def status(self) -> dict[str, Any]:
-        return {"remote": self.where, "connected": self.connected, "devices": sorted(self.devices),
-                "connects": self.connects}
+        return {"remote": self.where, "connected": self.connected,
+                "link": "connected" if self.connected else "reconnecting", "link_since": self.link_since,
+                "last_error": self.last_error, "devices": sorted(self.devices), "connects": self.connects}
 
     # -- the connection ---------------------------------------------------------------------
     def _connect(self) -> None:
@@ -129,6 +132,7 @@ class RemoteBridge(Worker):
         self.reactor.add_reader(self.sock.fileno(), lambda _fd: self._readable())
         self.upstream.attach(self.sock.fileno())
         self.connected = True
+        self.link_since = time.time()
         self.connects += 1
         self.attempt = 0
         self.decoder = StreamDecoder(max_element=self.decoder.max_element, resync=True)
@@ -151,6 +155,9 @@ class RemoteBridge(Worker):
     def _lost(self, why: str) -> None:
         was_connected = self.connected
         self._close()
+        self.last_error = why
+        if was_connected or self.attempt == 0:
+            self.link_since = time.time()
         for device in sorted(self.devices):
             self.backbone.send(wire.DEL, device, "", b"", indi.del_property(device))
         if was_connected or self.attempt == 0:
