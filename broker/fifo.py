@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from indibroker.broker.errors import ConfigError
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers.linebuffer import LineBuffer
 
@@ -53,8 +54,19 @@ class FifoReader:
         self.handler = handler
         if not self.path.exists():
             os.mkfifo(self.path, 0o600)
-        elif not stat.S_ISFIFO(self.path.stat().st_mode):
-            raise OSError(f"{self.path} exists and is not a FIFO")
+        else:
+            # Whoever can write the FIFO can start any program as this service's user: in a shared
+            # /tmp it must be ours (the managers make it as the user they run the server as), not
+            # reached through a link, and not writable by every local user.
+            st = self.path.lstat()
+            if not stat.S_ISFIFO(st.st_mode):
+                raise ConfigError(f"fifo {self.path}: exists and is not a FIFO")
+            if st.st_uid != os.geteuid():
+                raise ConfigError(f"fifo {self.path}: owned by uid {st.st_uid}, not by us (uid {os.geteuid()}): "
+                                  f"another user could start any program through it")
+            if st.st_mode & stat.S_IWOTH:
+                raise ConfigError(f"fifo {self.path}: writable by every local user (mode "
+                                  f"{stat.S_IMODE(st.st_mode):o}); chmod o-w it")
         self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self._keep = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self._lines = LineBuffer()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import getprop, wait_until
+from support import free_port, getprop, wait_until
 
 from indibroker.broker.config import load_toml
 from indibroker.broker.errors import ConfigError
@@ -110,3 +110,15 @@ def test_version_and_no_server_messages(tmp_path):
         result = subprocess.run([*run, command, "-p", "1", "--runtime-dir", str(tmp_path / "run")],
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 1 and result.stderr.strip() == "indibroker: no indibroker runs on port 1"
+
+
+def test_a_fifo_other_users_could_write_is_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "indiFIFO"
+    os.mkfifo(fifo, 0o600)
+    os.chmod(fifo, 0o622)  # world-writable: anyone could start any program through it
+    result = _start(tmp_path, "-f", str(fifo), "-p", str(free_port()), "--no-demo")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert "writable by every local user" in lines[-1], result.stderr
