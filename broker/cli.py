@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--runtime-dir", dest="runtime_dir", help="base directory for runtime state")
     start.add_argument("--no-demo", action="store_true", help="do not serve the demo driver when idle")
     start.add_argument("-v", "--verbose", action="count", default=0,
-                       help="-v events (the default), -vv and -vvv more detail (DEBUG)")
+                       help="-v events (the default), -vv a line per message with its connection and "
+                            "direction, -vvv each message's XML")
     start.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
     for name, text in (("status", "show every process of a running instance"),
@@ -121,8 +122,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.demo = False
     if args.quiet:
         config.log_level, config.sources["log_level"] = "WARNING", "-q"
-    elif args.verbose:
-        config.log_level = "DEBUG" if args.verbose > 1 else "INFO"
+    elif args.verbose:  # as indiserver's: -v events, -vv a line per message, -vvv its XML
+        config.log_level = ("INFO", "DEBUG", "TRACE")[min(args.verbose, 3) - 1]
         config.sources["log_level"] = "-" + "v" * args.verbose
     config.validate()
     config.assign_names()

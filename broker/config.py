@@ -31,7 +31,7 @@ from indibroker.workers.settings import (
 __all__ = ["Config", "DriverConfig", "RemoteConfig", "load_toml", "default_gateways", "driver_name"]
 
 MB = 1024 * 1024
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # as the logging module names them
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # TRACE: workers/traffic.py
 
 
 def default_gateways() -> int:

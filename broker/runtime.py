@@ -29,6 +29,9 @@ __all__ = ["RuntimeDir", "StatusFile", "configure_logging", "lifeline_fd", "stat
            "ENV_INSTANCE", "ENV_LIFELINE", "ENV_LOGLEVEL", "default_base", "touch_status", "status_age",
            "utc_formatter"]
 
+TRACE = 5  # below DEBUG: every message's XML (-vvv; workers/traffic.py)
+logging.addLevelName(TRACE, "TRACE")
+
 ENV_RUNTIME = "INDIBROKER_RUNTIME"
 ENV_INSTANCE = "INDIBROKER_INSTANCE"
 ENV_LIFELINE = "INDIBROKER_LIFELINE"

@@ -46,6 +46,7 @@ from indibroker.workers.driverprocess import (
 from indibroker.workers.interest import Interest, union
 from indibroker.workers.reactor import Timer
 from indibroker.workers.settings import DriverSettings, ExDriverSettings, Inheritance
+from indibroker.workers.traffic import Traffic
 
 __all__ = ["ExDriverWorker", "Driver"]
 
@@ -113,6 +114,7 @@ class ExDriverWorker(Worker):
         self.log_dir = Path(settings.log_dir) if settings.log_dir else None
         self.calls = calls if calls is not None else ProcessCalls()
         self._warn = RateLimitedLog(log)
+        self.traffic = Traffic()  # -vv / -vvv
         self.drivers: dict[str, Driver] = {d.name: self._new_driver(d) for d in settings.drivers}
 
     def _new_driver(self, spec: DriverSettings) -> Driver:
@@ -313,6 +315,8 @@ class ExDriverWorker(Worker):
         verb = indi.DRIVER_VERBS.get(tag)
         device = el.get("device")
         name = el.get("name")
+        if self.traffic.on:
+            self.traffic.log(f"driver {driver.name}", "->", el.raw, device or "", name or "")
         if verb is not None:
             if verb == wire.DEF and device and device not in driver.devices:
                 driver.devices.add(device)
@@ -400,4 +404,6 @@ class ExDriverWorker(Worker):
         return None
 
     def _to_driver(self, driver: Driver, data: bytes) -> None:
+        if self.traffic.on:
+            self.traffic.log(f"driver {driver.name}", "<-", data)
         driver.process.write(data)

@@ -29,6 +29,7 @@ from indibroker.workers.clients import Client, Connections, resolve_listen
 from indibroker.workers.codec import Element
 from indibroker.workers.interest import union
 from indibroker.workers.settings import GatewaySettings, Inheritance
+from indibroker.workers.traffic import Traffic
 
 __all__ = ["Gateway", "resolve_listen"]
 
@@ -54,6 +55,7 @@ class Gateway(Worker):
         self._asked: dict[tuple[str, str], float] = {}  # getProperties sent, no definition back yet
         self._told_restart = -RESTART_NOTICE_GAP
         self.access = settings.access
+        self.traffic = Traffic()  # -vv / -vvv
         self._refusals = RateLimitedLog(log)
 
     @property
@@ -102,6 +104,8 @@ class Gateway(Worker):
         tag = el.tag
         device = el.get("device")
         name = el.get("name")
+        if self.traffic.on:
+            self.traffic.log(f"client {client.peer}", "->", el.raw, device or "", name or "")
         if tag in indi.CLIENT_NEW:
             if not device or not name:
                 log.info("client %s: %s without device or name ignored", client.peer, tag)
@@ -172,6 +176,10 @@ class Gateway(Worker):
             self._asked.pop((device, name), None)
         deliver = self.connections.deliver
         clients = self.connections.clients
+        if self.traffic.on:
+            for client in clients.values():
+                if client.interest.wants(device, name, flags == wire.FLAG_BLOB):
+                    self.traffic.log(f"client {client.peer}", "<-", payload, device, name)
         if flags != wire.FLAG_BLOB:
             for client in list(clients.values()):
                 if client.interest.wants(device, name, False):
