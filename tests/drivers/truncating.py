@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A test driver that botches a write: device argv[1] answers getProperties with half a vector
+"""A test driver that botches a write: device argv[1] answers each getProperties with half a vector
 (cut mid-member, as a driver that crashes or overruns a buffer mid-write), then, with argv[2]
 "pause", nothing for 2 s, then good vectors GOOD1 and GOOD2. Without "pause" the good ones follow
 at once, so the first begins inside the unfinished one."""
@@ -20,7 +20,6 @@ def good(name: str) -> bytes:
 
 
 def main() -> int:
-    answered = False
     while True:
         ready, _, _ = select.select([0], [], [], 1.0)
         if not ready:
@@ -28,8 +27,7 @@ def main() -> int:
         data = os.read(0, 65536)
         if not data:
             return 0
-        if b"getProperties" in data and not answered:
-            answered = True
+        if b"getProperties" in data:  # every time: a client's may come after the worker's own
             os.write(1, f'<defNumberVector device="{DEVICE}" name="HALF" perm="ro" state="Ok">'
                         f'<defNumber name="V" format="%g" min="0" max="9" step="0">1'.encode())
             if PAUSE:
