@@ -35,7 +35,13 @@ from indibroker.broker.oscalls import (
 from indibroker.broker.runtime import ENV_LIFELINE, ENV_LOGLEVEL, RuntimeDir, status_age
 from indibroker.broker.supervision import Lifecycle, RestartPolicy
 from indibroker.workers.reactor import Reactor, Timer
-from indibroker.workers.settings import DriverSettings, ExDriverSettings, Inheritance, WorkerSettings
+from indibroker.workers.settings import (
+    EXIT_NO_DRIVERS,
+    DriverSettings,
+    ExDriverSettings,
+    Inheritance,
+    WorkerSettings,
+)
 
 __all__ = ["Arbiter", "Child"]
 
@@ -55,6 +61,7 @@ class Child:
     settings: WorkerSettings
     drivers: list[DriverSettings] = field(default_factory=list)  # an exdriver worker's, as they stand
     inheritance: Inheritance = field(default_factory=Inheritance)  # told to its next start
+    finished: bool = False  # an exdriver worker with no driver left (indiserver's exit rule)
     lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(WORKER_POLICY))
     proc: ForkedProcess | None = None
     lifeline: int = -1  # our write end of its lifeline pipe
@@ -92,6 +99,7 @@ class Arbiter:
         self.reactor = reactor or Reactor()
         self._fork = forker
         self._stopping = False
+        self.exit_status = 0  # what `run()` returns
         self.control = ControlServer(runtime.control_path, self._command)
         self.fifo: FifoReader | None = None
         self._psutil_cache: dict[int, Any] = {}
@@ -156,6 +164,8 @@ class Arbiter:
             if child.proc is not None:
                 code = child.proc.poll()
                 if code is not None:
+                    if code == EXIT_NO_DRIVERS and child.role == "exdriver":
+                        self._no_drivers_left(child)
                     self._exited(child, describe_exit(code))
 
     def _exited(self, child: Child, how: str) -> None:
@@ -177,6 +187,18 @@ class Arbiter:
             child.restart_timer = self.reactor.call_later(decision.delay, lambda: self._restart(child))
         else:
             log.error("%s exited (%s); %s", child.name, how, decision.reason)
+
+    def _no_drivers_left(self, child: Child) -> None:
+        """An exdriver worker whose drivers are all gone for good (indiserver's rule, asked for
+        by `exit_when_no_drivers`): it is not restarted; with no driver left anywhere (remote
+        bridges count as drivers), the whole server exits with status 1, as indiserver does."""
+        child.lifecycle.stop()  # its exit is then "stopped", not a crash to restart
+        child.finished = True
+        if all(c.finished for c in self.children if c.role == "exdriver") and \
+                not any(c.role == "remote" for c in self.children):
+            log.error("no driver left: exiting (as indiserver does without -f)")
+            self.exit_status = 1
+            self._stop("no driver left")
 
     def _sweep_drivers(self, child: Child) -> None:
         """A dead exdriver worker's drivers must not outlive it: kill their sessions. Its
@@ -360,7 +382,7 @@ class Arbiter:
         finally:
             signal.set_wakeup_fd(-1)  # the reactor's self-pipe closes with it; signals are only recorded now
             self.close()
-        return 0
+        return self.exit_status
 
     def start(self) -> None:
         """Serve the control socket (and the FIFO) and start every child, the broker first."""

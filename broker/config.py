@@ -125,6 +125,10 @@ class Config:
     fifo: str | None = None
     log_dir: str | None = None
     log_level: str = "INFO"
+    # indiserver's ways, which `indibroker-indiserver` turns on: exit with status 1 once no driver
+    # is left (without -f), and its stderr lines about drivers that tools parse (KStars).
+    exit_when_no_drivers: bool = False
+    indiserver_messages: bool = False
     runtime_dir: str | None = None
     # Where each key's value came from (a file or a flag), to name it in a problem.
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -157,7 +161,8 @@ class Config:
 
     def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:
         return ExDriverSettings(name=f"exdriver-{index}", liveness=self.worker_liveness, drivers=tuple(drivers),
-                                log_dir=self.log_dir)
+                                log_dir=self.log_dir, exit_when_no_drivers=self.exit_when_no_drivers,
+                                indiserver_messages=self.indiserver_messages)
 
     def validate(self, check_executables: bool = True) -> None:
         """Check every value; raise ConfigError with one line per problem, each naming where

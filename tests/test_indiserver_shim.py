@@ -54,3 +54,42 @@ def test_indiserver_command_line_needs_a_driver_or_fifo(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "no drivers given" in result.stderr
+
+
+EXIT_NOW = os.path.join(os.path.dirname(__file__), "drivers", "exit_now.py")
+
+
+def run_until_exit(tmp_path, *args: str, timeout: float = 30) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "indibroker.shims.indiserver", "-p", str(free_port()), *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)})
+    return proc.returncode, proc.stderr
+
+
+def test_no_driver_left_ends_the_server_with_status_1_as_indiserver(tmp_path):
+    code, stderr = run_until_exit(tmp_path, "-r", "0", EXIT_NOW)
+    assert code == 1, stderr
+    # KStars watches indiserver's stderr for exactly this, to offer the user a restart.
+    assert f"Driver {EXIT_NOW}: Terminated after #0 restarts." in stderr
+
+
+def test_restarts_are_said_as_indiserver_says_them(tmp_path):
+    code, stderr = run_until_exit(tmp_path, "-r", "1", EXIT_NOW)
+    assert code == 1
+    lines = [line.split(": ", 1)[1] for line in stderr.splitlines() if f": Driver {EXIT_NOW}: " in line]
+    assert lines == [f"Driver {EXIT_NOW}: restart #0", f"Driver {EXIT_NOW}: Terminated after #1 restarts."], stderr
+
+
+def test_with_a_fifo_the_server_outlives_its_drivers(tmp_path):
+    fifo = tmp_path / "indiFIFO"
+    os.mkfifo(fifo, 0o600)
+    proc, port = start_shim(tmp_path, "-r", "0", "-f", str(fifo), EXIT_NOW)
+    try:
+        wait_until(lambda: "Terminated after #0 restarts" in (tmp_path / "shim.log").read_text(), 20,
+                   what="the driver given up")
+        with open(fifo, "w") as writer:  # and drivers can still be started
+            writer.write("start indi_simulator_focus\n")
+        wait_until(lambda: "Focuser Simulator.CONNECTION.CONNECT" in getprop(port), 30, what="a driver started later")
+        assert proc.poll() is None
+    finally:
+        stop(proc)

@@ -54,6 +54,7 @@ class Worker:
         self.liveness = settings.liveness
         self._status_file = StatusFile(self.runtime, self.name, self._status_data, self.reactor, self.liveness)
         self.orphaned = False  # the arbiter died: stop fast, reach no broker
+        self.exit_code = 0  # what `run()` returns (the arbiter reads it)
 
     def connect(self, backbone: BackboneLink | None = None) -> None:
         """Join the backbone: the broker's (a ZeroMQ DEALER, saying HELLO at once), or the one
@@ -146,7 +147,7 @@ class Worker:
             self.backbone.close()
             if self.ctx is not None:
                 self.ctx.term()
-        return 0
+        return self.exit_code
 
     @classmethod
     def main(cls, settings: WorkerSettings, inheritance: Inheritance) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from indibroker.workers.driverprocess import (
 )
 from indibroker.workers.interest import Interest, union
 from indibroker.workers.reactor import Timer
-from indibroker.workers.settings import DriverSettings, ExDriverSettings, Inheritance
+from indibroker.workers.settings import EXIT_NO_DRIVERS, DriverSettings, ExDriverSettings, Inheritance
 from indibroker.workers.traffic import Traffic
 
 __all__ = ["ExDriverWorker", "Driver"]
@@ -262,13 +263,29 @@ class ExDriverWorker(Worker):
             text = f"driver {driver.name} exited ({how}); restarting in {decision.delay:g} s"
             log.warning("%s", text)
             driver.restart_timer = self.reactor.call_later(decision.delay, lambda: self._start(driver))
+            self._indiserver_line(driver, f"restart #{driver.lifecycle.restarts - 1}")
         else:
             text = f"driver {driver.name} exited ({how}); {decision.reason}: not restarting (FATAL)"
             log.error("%s", text)
+            self._indiserver_line(driver, f"Terminated after #{driver.lifecycle.restarts} restarts.")
         for device in gone or [""]:
             self.backbone.send(wire.MSG, device, "", b"", indi.message(text, device))
         self.backbone.update_interests()
         self.status_changed()
+        if self.settings.exit_when_no_drivers and not any(
+                d.running or d.restart_timer is not None for d in self.drivers.values()):
+            # indiserver's rule, for its command line without -f: no driver left, no server.
+            log.error("no driver left: %s exits", self.name)
+            self.exit_code = EXIT_NO_DRIVERS
+            self.reactor.stop()
+
+    def _indiserver_line(self, driver: Driver, text: str) -> None:
+        """indiserver's own stderr line about a driver, which tools parse: KStars watches for
+        `Driver (.*): Terminated after #0 restarts` to offer the user a restart."""
+        if self.settings.indiserver_messages:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            sys.stderr.write(f"{stamp}: Driver {driver.spec.argv[0]}: {text}\n")
+            sys.stderr.flush()
 
     # -- driver → server --------------------------------------------------------------------
     def _feed(self, driver: Driver, data: bytes) -> None:

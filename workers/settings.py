@@ -20,7 +20,7 @@ from indibroker.broker.supervision import RestartPolicy
 from indibroker.workers.access import AccessPolicy
 
 __all__ = ["WorkerSettings", "BrokerSettings", "GatewaySettings", "DriverSettings", "ExDriverSettings",
-           "RemoteSettings", "Inheritance"]
+           "RemoteSettings", "Inheritance", "EXIT_NO_DRIVERS"]
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,17 @@ class DriverSettings:
         return cls(**values)
 
 
+# An exdriver worker's exit status when every driver it ran is gone for good and its settings
+# say `exit_when_no_drivers`: the arbiter then does not restart it (indiserver's exit rule).
+EXIT_NO_DRIVERS = 69
+
+
 @dataclass(frozen=True)
 class ExDriverSettings(WorkerSettings):
     drivers: tuple[DriverSettings, ...]
     log_dir: str | None  # one rotated log file per driver, or None
+    exit_when_no_drivers: bool  # exit with EXIT_NO_DRIVERS once no driver runs or will restart
+    indiserver_messages: bool  # write indiserver's stderr lines about drivers (KStars reads them)
 
 
 @dataclass(frozen=True)
