@@ -87,7 +87,10 @@ class Driver:
         return self.process.running
 
     def read_size(self) -> int:
-        return BLOB_READ_SIZE if self.decoder.in_element else READ_SIZE
+        # 1 MB reads only inside an element already bigger than a chunk (a BLOB, one message:
+        # read it briskly). A flood of small messages leaves one cut at nearly every chunk's end,
+        # and must still be read a chunk per turn, or a quiet driver's reply waits behind it.
+        return BLOB_READ_SIZE if self.decoder.pending_bytes > READ_SIZE else READ_SIZE
 
     def status(self) -> dict[str, Any]:
         lc = self.lifecycle
