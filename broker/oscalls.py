@@ -46,14 +46,15 @@ def keep_big_buffers() -> bool:
         return False
 
 
-def pdeathsig_prefix() -> list[str]:
-    """`setpriv --pdeathsig KILL --`: the child dies with the process that started it.
+def pdeathsig_prefix(signal_name: str = "KILL") -> list[str]:
+    """`setpriv --pdeathsig KILL --`: the child dies with the process that started it (or is
+    sent `signal_name`, say TERM for a child that must stop in order).
 
     util-linux's setpriv sets PR_SET_PDEATHSIG and execs the real program in the same process, so
     it costs nothing at run time. Without it we still clean up (stdin EOF, the arbiter's sweep).
     """
     path = shutil.which("setpriv")
-    return [path, "--pdeathsig", "KILL", "--"] if path else []
+    return [path, "--pdeathsig", signal_name, "--"] if path else []
 
 
 def spawn(

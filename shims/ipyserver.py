@@ -112,7 +112,13 @@ class IPyServer:
         workdir = Path(tempfile.mkdtemp(prefix="indibroker-ipyserver-"))
         config = workdir / "indibroker.toml"
         config.write_text(self.config_text())
-        argv = [*pdeathsig_prefix(), sys.executable, "-m", "indibroker", "start", "--config", str(config)]
+        # If this script is killed outright, the server still stops in order (SIGTERM), so it
+        # leaves no runtime directory behind; Ctrl-C and SIGTERM of the script stop it the same
+        # way, and `asyncrun()` then returns (no KeyboardInterrupt traceback after a clean stop).
+        argv = [*pdeathsig_prefix("TERM"), sys.executable, "-m", "indibroker", "start", "--config", str(config)]
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.shutdown)
         try:
             self._proc = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
             if self._stop_requested:
@@ -125,6 +131,8 @@ class IPyServer:
                     await asyncio.wait_for(asyncio.shield(self._proc.wait()), 30)
             raise
         finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _terminate(self) -> None:

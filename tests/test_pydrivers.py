@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import RawClient, alive, clients, is_, member, new_vector, port_open, process_tree, wait_until
+from support import RawClient, alive, clients, getprop, is_, member, new_vector, port_open, process_tree, wait_until
 
 pytestmark = pytest.mark.usefixtures("indi_bin")
 
@@ -31,7 +31,9 @@ class Rig:
         self.port = port
         home = tmp_path / "home"
         home.mkdir(exist_ok=True)
-        env = {**os.environ, "HOME": str(home)}
+        (tmp_path / "tmp").mkdir(exist_ok=True)
+        # Its own temporary directory: a test can see what the rig leaves behind.
+        env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp_path / "tmp")}
         self.log_path = tmp_path / "rig.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "rig.py", str(port), str(maxconnections)],
@@ -46,14 +48,16 @@ class Rig:
         self.known += [p for p in procs if p.pid not in {k.pid for k in self.known}]
         return procs
 
-    def stop(self) -> None:
+    def stop(self, signum: int = signal.SIGINT) -> int:
+        """Ctrl-C by default, as a user stops a script; the script's exit status."""
         self.tree()
-        os.kill(self.proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops a script
+        os.kill(self.proc.pid, signum)
         try:
-            self.proc.wait(30)
+            code = self.proc.wait(30)
         finally:
             self._log.close()
         wait_until(lambda: not alive(self.known), 10, what="every process of the rig to end")
+        return code
 
 
 @pytest.fixture
@@ -201,3 +205,16 @@ def test_maxconnections_refuses_the_extra_client_cleanly(rig):
                 return False
     wait_until(served_again, 20, what="a new client served after others left")
     r.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_script_stopped_by_ctrl_c_or_sigterm_ends_cleanly_and_leaves_nothing(rig, tmp_path, signum):
+    r = rig()
+    wait_until(lambda: "LED" in " ".join(getprop(r.port)), 30, what="the rig serving")
+    assert r.stop(signum) == 0
+    log = r.log_path.read_text()
+    assert "Traceback" not in log, log
+    assert not list((tmp_path / "tmp").glob("indibroker-ipyserver-*")), "its temporary directory was left"
+    from indibroker.broker.runtime import RuntimeDir
+
+    assert not RuntimeDir.for_port(r.port).path.exists(), "its runtime directory was left"
