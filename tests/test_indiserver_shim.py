@@ -93,3 +93,9 @@ def test_with_a_fifo_the_server_outlives_its_drivers(tmp_path):
         assert proc.poll() is None
     finally:
         stop(proc)
+
+
+def test_a_driver_that_cannot_start_ends_the_server_with_status_1(tmp_path):
+    code, stderr = run_until_exit(tmp_path, "-r", "0", "/nonexistent/fakedriver", timeout=20)
+    assert code == 1
+    assert "Driver /nonexistent/fakedriver: Terminated after #0 restarts." in stderr

@@ -280,7 +280,7 @@ class ExDriverWorker(Worker):
             # indiserver's rule, for its command line without -f: no driver left, no server.
             log.error("no driver left: %s exits", self.name)
             self.exit_code = EXIT_NO_DRIVERS
-            self.reactor.stop()
+            self.reactor.call_later(0, self.reactor.stop)  # from the loop: this may be set-up time
 
     def _indiserver_line(self, driver: Driver, text: str) -> None:
         """indiserver's own stderr line about a driver, which tools parse: KStars watches for

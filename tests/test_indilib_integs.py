@@ -1,0 +1,206 @@
+"""indilib 1.9.9's own server integration tests (integs/, gtest) against indibroker-indiserver.
+
+Opt-in: skipped unless ``INDIBROKER_INTEGS=1``. The tests are built by tests/integs/build.sh into
+``$INTEGS_DIR`` (default /var/cache/indibroker-integs); when that build is missing this module
+runs build.sh itself if it can (root, as in CI), else skips. Each gtest case runs alone through
+tests/integs/run.py (its own network, PID and mount namespaces when unshare works), in both
+variants: ``plain`` (the test client connects over TCP) and ``shm`` (-DENABLE_INDI_SHARED_MEMORY,
+what upstream builds on Linux: the client connects over the local socket ``-u``).
+
+``INDIBROKER_INTEGS_SERVER`` picks another server (e.g. /usr/bin/indiserver, which passes every
+case); the expected failures below apply to indibroker-indiserver only.
+
+EXPECTED_FAILURES is what failed on the day this harness was written: a list TO SHRINK. A case
+on it that passes fails this module (strict), so whoever fixes a behaviour removes its cases.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+INTEGS = HERE / "integs"
+ENABLED = os.environ.get("INDIBROKER_INTEGS") == "1"
+
+with warnings.catch_warnings():  # the marker is not registered in pyproject.toml (yet)
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    _integs_mark = pytest.mark.integs
+
+pytestmark = [
+    _integs_mark,
+    pytest.mark.skipif(not ENABLED, reason="indilib integs: set INDIBROKER_INTEGS=1 to run them"),
+    pytest.mark.timeout(60),
+]
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("indibroker_integs_run", INTEGS / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load_runner()
+
+SUITE_EXECUTABLE = {
+    "XmlAwaiter": "XmlAwaiterTest",
+    "IndiserverSingleDriver": "TestIndiserverSingleDriver",
+    "TestClientQueries": "TestClientQueries",
+    "TestIndiSetProperties": "TestIndiSetProp",
+    "IndiclientTcpConnect": "TestIndiClient",
+}
+_COMMON = [
+    "XmlAwaiter.SimpleFragment",
+    "XmlAwaiter.SimpleAttribute",
+    "IndiserverSingleDriver.MissingDriver",
+    "IndiserverSingleDriver.ReplyToPing",
+    "IndiserverSingleDriver.DontLeakFds",
+    "IndiserverSingleDriver.DontForwardUnaskedBlobDefToClient",
+    "IndiserverSingleDriver.DontForwardOtherBlobDefToClient",
+    "IndiserverSingleDriver.DropMisbehavingDriver",
+    "IndiserverSingleDriver.ForwardBase64BlobToIPClient",
+]
+_SHM_ONLY = [
+    "IndiserverSingleDriver.ForwardBase64BlobToUnixClient",
+    "IndiserverSingleDriver.ForwardAttachedBlobToUnixClient",
+    "IndiserverSingleDriver.ForwardAttachedBlobToIPClient",
+]
+_TAIL = [
+    "TestClientQueries.ServerForwardRequest",
+    "TestClientQueries.ServerForwardRequestOfHalfDeadClient",
+    "TestIndiSetProperties.SetFirstPropertyUntyped",
+    "TestIndiSetProperties.SetFirstPropertyTyped",
+    "TestIndiSetProperties.SetLastProperty",
+    "TestIndiSetProperties.SetLastPropertyTyped",
+    "IndiclientTcpConnect.ClientConnect",
+]
+# What indilib 1.9.9's integs hold, in gtest's order (checked against the build below).
+CASES = {"plain": _COMMON + _TAIL, "shm": _COMMON + _SHM_ONLY + _TAIL}
+
+# Behaviours indibroker-indiserver lacks (tests/integs/README.md has the evidence: the upstream
+# test lines for each). Each entry lists them in the order a case meets them: the first is what
+# fails today; the later ones were found with probe builds that step over the earlier ones.
+SOCKETPAIR = "drivers on a socketpair (the test reads the driver's stdin with recvmsg: ENOTSOCK on a pipe)"
+UNIX = "the -u local socket (abstract unix socket @/tmp/indi-test-server)"
+STARTUP = ("startup order: clients served only once every driver's worker is registered "
+           "(else a client's getProperties is lost, or the driver's earlier output reaches it) [racy]")
+TEXT = "text re-serialised as indiserver does: '>' newline trimmed-text (compared byte for byte)"
+FDCOUNT = ("/proc/<pid>/fd of the process the test started must grow by one per client: "
+           "clients live in ib-gateway, not in the arbiter (by design, multi-process)")
+ATTACHED_DROP = "a driver's attached='true' oneBLOB without a buffer must drop the driver"
+ATTACHED_TO_B64 = "an attached (memfd) BLOB re-encoded as base64 for TCP clients, tag without attached/enclen"
+B64_TO_ATTACHED = "a base64 BLOB handed to a local (-u) client as attached='true' + SCM_RIGHTS memfd"
+ATTACHED_PASS = "an attached (memfd) BLOB passed to a local (-u) client with SCM_RIGHTS"
+
+_FAIL_PLAIN = {
+    "IndiserverSingleDriver.ReplyToPing": [SOCKETPAIR],
+    "IndiserverSingleDriver.DontLeakFds": [SOCKETPAIR, FDCOUNT],
+    "IndiserverSingleDriver.DontForwardUnaskedBlobDefToClient": [SOCKETPAIR, STARTUP],
+    "IndiserverSingleDriver.DontForwardOtherBlobDefToClient": [SOCKETPAIR, STARTUP],
+    "IndiserverSingleDriver.DropMisbehavingDriver": [SOCKETPAIR, STARTUP, ATTACHED_DROP],
+    "IndiserverSingleDriver.ForwardBase64BlobToIPClient": [SOCKETPAIR, STARTUP],
+    "TestClientQueries.ServerForwardRequest": [SOCKETPAIR, STARTUP, TEXT],
+    "TestClientQueries.ServerForwardRequestOfHalfDeadClient": [SOCKETPAIR, STARTUP, TEXT],
+    "TestIndiSetProperties.SetFirstPropertyUntyped": [SOCKETPAIR, STARTUP, TEXT],
+    "TestIndiSetProperties.SetFirstPropertyTyped": [SOCKETPAIR, TEXT],
+    "TestIndiSetProperties.SetLastProperty": [SOCKETPAIR, STARTUP, TEXT],
+    "TestIndiSetProperties.SetLastPropertyTyped": [SOCKETPAIR, TEXT],
+}
+
+
+# In the shm variant these cases connect their client over -u (IndiClientMock::connect/connectUnix).
+_UNIX_IN_SHM = {
+    "IndiserverSingleDriver.ReplyToPing",
+    "IndiserverSingleDriver.DontLeakFds",
+    "IndiserverSingleDriver.DontForwardUnaskedBlobDefToClient",
+    "IndiserverSingleDriver.DontForwardOtherBlobDefToClient",
+    "IndiserverSingleDriver.DropMisbehavingDriver",
+    "TestClientQueries.ServerForwardRequest",
+    "TestClientQueries.ServerForwardRequestOfHalfDeadClient",
+}
+_FAIL_SHM = {
+    **{case: [why[0], UNIX, *why[1:]] if case in _UNIX_IN_SHM else why for case, why in _FAIL_PLAIN.items()},
+    "IndiserverSingleDriver.ForwardBase64BlobToUnixClient": [SOCKETPAIR, UNIX, STARTUP, B64_TO_ATTACHED],
+    "IndiserverSingleDriver.ForwardAttachedBlobToUnixClient": [SOCKETPAIR, UNIX, ATTACHED_PASS],
+    "IndiserverSingleDriver.ForwardAttachedBlobToIPClient": [SOCKETPAIR, STARTUP, ATTACHED_TO_B64, TEXT],
+}
+
+# TO SHRINK: measured 2026-12 against indibroker-indiserver, 2 of 29 server cases pass (MissingDriver, both
+# variants, since the exit rule); indiserver's exit rule and held commands for undefined devices are
+# done, so they are no longer listed as reasons.
+EXPECTED_FAILURES: dict[tuple[str, str], list[str]] = {
+    **{("plain", case): why for case, why in _FAIL_PLAIN.items()},
+    **{("shm", case): why for case, why in _FAIL_SHM.items()},
+}
+
+
+def _server() -> str:
+    return os.environ.get("INDIBROKER_INTEGS_SERVER", "indibroker-indiserver")
+
+
+def _is_indibroker(server: str) -> bool:
+    return "indibroker" in os.path.basename(server)
+
+
+def _built(build: Path) -> bool:
+    return all(os.access(build / v / "integs" / e, os.X_OK)
+               for v in run.VARIANTS for e in ("fakedriver", *run.EXECUTABLES))
+
+
+@pytest.fixture(scope="module")
+def integs_build() -> Path:
+    build = Path(run.DEFAULT_BUILD)
+    if not _built(build):
+        if os.geteuid() != 0:
+            pytest.skip(f"no integs build in {build} and not root to run tests/integs/build.sh")
+        proc = subprocess.run(["bash", str(INTEGS / "build.sh")], capture_output=True, text=True,
+                              timeout=1800, env=dict(os.environ, INTEGS_DIR=str(build)))
+        if proc.returncode != 0 or not _built(build):
+            pytest.fail(f"tests/integs/build.sh failed:\n{proc.stderr[-4000:]}")
+    return build
+
+
+@pytest.fixture(scope="module")
+def trees(integs_build: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    server = shutil.which(_server()) or _server()
+    if not os.access(server, os.X_OK):
+        pytest.fail(f"server {server!r} not found (pip install -e . provides indibroker-indiserver)")
+    server = os.path.abspath(server)
+    root = tmp_path_factory.mktemp("integs")
+    works = {v: run.make_tree(root / v, run.check_build(integs_build, v), server) for v in run.VARIANTS}
+    logs = root / "logs"
+    logs.mkdir()
+    return {"server": server, "works": works, "logs": logs,
+            "isolation": "netns" if run.netns_works() else "none"}
+
+
+def test_the_build_holds_the_listed_cases(trees: dict) -> None:
+    for variant, work in trees["works"].items():
+        assert [c.id for c in run.list_cases(work)] == CASES[variant], variant
+
+
+@pytest.mark.parametrize("variant,case", [(v, c) for v in run.VARIANTS for c in CASES[v]],
+                         ids=[f"{v}-{c}" for v in run.VARIANTS for c in CASES[v]])
+def test_integs_case(trees: dict, variant: str, case: str) -> None:
+    suite, name = case.split(".", 1)
+    exe = SUITE_EXECUTABLE[suite]
+    result = run.run_case(run.Case(exe, suite, name), variant, trees["works"][variant],
+                          run.EXECUTABLES[exe], trees["isolation"], trees["logs"])
+    expected = EXPECTED_FAILURES.get((variant, case)) if _is_indibroker(trees["server"]) else None
+    if expected is None:
+        assert result.status == "PASS", (
+            f"{variant} {case}: {result.status}: {result.first_failure}\n\n{result.output_tail}")
+    elif result.status == "PASS":
+        pytest.fail(f"{variant} {case} passes now: remove it from EXPECTED_FAILURES (to shrink)")
+    else:
+        pytest.xfail(f"{result.status}: {result.first_failure} | missing: {'; '.join(expected)}")
