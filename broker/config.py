@@ -58,7 +58,8 @@ class DriverConfig:
 
         if ":" not in spec:
             raise ConfigError(f"python driver {spec!r}: expected package.module:attribute")
-        return cls(argv=argv_for(spec), name=name or spec.rpartition(":")[2], snoop_messages=False, **kw)
+        # Unnamed, it is named after its attribute by `Config.assign_names` (made unique there).
+        return cls(argv=argv_for(spec), name=name, snoop_messages=False, **kw)
 
     def settings(self, config: Config) -> DriverSettings:
         return DriverSettings(
@@ -230,7 +231,12 @@ class Config:
 
 
 def driver_name(argv: list[str], env: dict[str, str], taken: set[str]) -> str:
-    base = env.get("INDIDEV") or os.path.basename(argv[0])
+    """INDIDEV (indiserver's -n), else a Python driver's attribute, else the program's name; made
+    unique with -2, -3... (two drivers may run the same program or factory)."""
+    from indibroker.workers.pydriver import spec_in
+
+    spec = spec_in(argv)
+    base = env.get("INDIDEV") or (spec.rpartition(":")[2] if spec else os.path.basename(argv[0]))
     name, n = base, 2
     while name in taken:
         name, n = f"{base}-{n}", n + 1

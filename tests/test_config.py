@@ -67,7 +67,7 @@ def test_bad_flags_are_one_clear_line_and_nothing_starts(tmp_path, args, expecte
 
 
 @pytest.mark.parametrize("text, expected", [
-    ('log_level = "verbose"\n', "log_level = 'verbose': expected one of DEBUG, INFO"),
+    ('log_level = "verbose"\n', "log_level = 'verbose': expected one of TRACE, DEBUG, INFO"),
     ("hang_timeout = 0\n", "hang_timeout = 0: expected a number above 0"),
     ('[[driver]]\ncommand = "indi_no_such_driver"\n', "driver[0]: executable 'indi_no_such_driver' not found"),
 ])
@@ -122,3 +122,13 @@ def test_a_fifo_other_users_could_write_is_refused(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert "writable by every local user" in lines[-1], result.stderr
+
+
+def test_python_drivers_sharing_a_factory_name_get_unique_names():
+    from indibroker.broker.config import Config, DriverConfig
+
+    config = Config()
+    config.drivers = [DriverConfig.python("a:make_driver"), DriverConfig.python("b:make_driver"),
+                      DriverConfig.python("c:make_driver", name="mine")]
+    config.assign_names()
+    assert [d.name for d in config.drivers] == ["make_driver", "make_driver-2", "mine"]

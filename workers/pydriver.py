@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["load", "run", "argv_for"]
+__all__ = ["load", "run", "argv_for", "spec_in"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ def run(driver: Any) -> int:
     """Serve `driver` on stdin/stdout until it stops or the supervisor ends us."""
     asyncio.run(driver.asyncrun())
     return 0
+
+
+def spec_in(argv: list[str]) -> str | None:
+    """The ``module:attribute`` a command line made by `argv_for` serves (None for any other)."""
+    return argv[-1] if len(argv) == 5 and argv[1:4] == ["-P", "-m", __name__] else None
 
 
 def argv_for(spec: str) -> list[str]:
