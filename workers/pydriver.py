@@ -11,7 +11,6 @@ its devices are defined again.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import logging
 import os
@@ -42,6 +41,8 @@ def load(spec: str) -> Any:
 
 def run(driver: Any) -> int:
     """Serve `driver` on stdin/stdout until it stops or the supervisor ends us."""
+    import asyncio  # here, not at the top: the arbiter imports this module for `spec_in` alone
+
     asyncio.run(driver.asyncrun())
     return 0
 
