@@ -56,3 +56,20 @@ def test_ci_runs_the_readme_test_command_verbatim():
     command = next(line for line in readme.splitlines() if line.endswith("python -m pytest"))
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in ci, f"README's test command is not a line of .ci/run: {command}"
+
+
+def test_the_readme_install_command_works_with_the_systems_python(tmp_path):
+    """The README's install-and-run line, as written, with Debian's externally managed python3
+    (PEP 668) as `python3`, into a fresh directory; `start` replaced by `--version` (it would
+    stay in the foreground) and the apt-get step left out (python3-venv is installed here)."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.endswith("indibroker start") and "venv" in x)
+    command = line.split(" && ", 1)[1]  # after `apt-get install -y python3-venv`
+    assert command.startswith("python3 -m venv .venv")
+    command = command.replace(".venv/bin/pip install .", f".venv/bin/pip install -q {ROOT}")
+    command = command.replace(".venv/bin/indibroker start", ".venv/bin/indibroker --version")
+    python = SYSTEM_PYTHON if os.path.exists(SYSTEM_PYTHON) else "python3"
+    result = subprocess.run(["sh", "-c", command.replace("python3 -m venv", f"{python} -m venv", 1)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("indibroker ")
