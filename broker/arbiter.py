@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = ["Arbiter", "Child"]
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 8.0
+GATEWAY_START_WAIT = 3.0  # seconds clients may wait in the backlog for the drivers to define
 # The backbone processes must always come back: quick, many restarts, never flapping to FATAL.
 WORKER_POLICY = RestartPolicy(max_restarts=1000, backoff_initial=0.2, backoff_max=5.0,
                               stable_after=10.0, flap_max_exits=0)
@@ -92,8 +94,10 @@ class Arbiter:
     signature), so that nothing is forked."""
 
     def __init__(self, config: Config, runtime: RuntimeDir, *, reactor: Reactor | None = None,
-                 forker: Forker = fork_child):
+                 forker: Forker = fork_child, listener: socket.socket | None = None):
         self.config = config
+        # The clients' port, listening since start-up (broker/listening.py); gateways inherit it.
+        self.listener = listener
         self.runtime = runtime
         self.children: list[Child] = []
         self.reactor = reactor or Reactor()
@@ -115,7 +119,10 @@ class Arbiter:
             drivers.append(DriverConfig(argv=[sys.executable, "-P", "-m", "indibroker.workers.demo"],
                                         name="demo"))
         for i in range(max(1, cfg.gateways)):
-            self.children.append(Child("gateway", cfg.gateway_settings(i)))
+            settings = cfg.gateway_settings(i)
+            if self.listener is not None:
+                settings = dataclasses.replace(settings, listen_fd=self.listener.fileno())
+            self.children.append(Child("gateway", settings))
         for remote in cfg.remotes:
             self.children.append(Child("remote", remote.settings(cfg)))
         groups = max(1, min(cfg.exdriver_workers, len(drivers)))
@@ -144,8 +151,11 @@ class Arbiter:
 
         settings, inheritance = child.settings_now(), child.inheritance
         try:
+            keep = [read_end]
+            if child.role == "gateway" and self.listener is not None:
+                keep.append(self.listener.fileno())
             child.proc = self._fork(lambda: run_role(child.role, settings, inheritance), env,
-                                    keep_fds=[read_end], name=f"ib-{child.name}")
+                                    keep_fds=keep, name=f"ib-{child.name}")
         except OSError as exc:
             os.close(read_end)
             os.close(write_end)
@@ -391,16 +401,50 @@ class Arbiter:
             self.fifo = FifoReader(self.config.fifo, self._fifo_line)
             self.fifo.attach(self.reactor)
         for child in self.children:  # the broker is first in the list
-            self._start(child)
+            if child.role != "gateway":
+                self._start(child)
+        # Clients wait in the listening socket's backlog until the drivers' workers have
+        # registered and their drivers defined their devices: a client's first getProperties
+        # then reaches its drivers, and it sees each definition once (as under indiserver,
+        # which starts its drivers before it accepts).
+        self._gateways_when_ready(time.monotonic() + GATEWAY_START_WAIT)
         self.reactor.call_later(self.config.worker_liveness / 3, self._check_liveness)
         log.info("indibroker serving on %s:%d (%d gateway(s), %d driver(s)); runtime %s",
                  self.config.host, self.config.port,
                  sum(c.role == "gateway" for c in self.children),
                  sum(len(c.drivers) for c in self.children), self.runtime.path)
 
+    def _gateways_when_ready(self, deadline: float) -> None:
+        if self._stopping:
+            return
+        if time.monotonic() < deadline and not self._drivers_settled():
+            self.reactor.call_later(0.02, lambda: self._gateways_when_ready(deadline))
+            return
+        for child in self.children:
+            if child.role == "gateway" and child.proc is None and child.restart_timer is None:
+                self._start(child)
+
+    def _drivers_settled(self) -> bool:
+        """Every driver's worker has published a status in which each driver has defined a
+        device or is not running (crashed and backing off, gave up, stopped): clients may come
+        in. Only a driver running and not yet defined holds them back (at most 3 s)."""
+        files = self.runtime.read_status()
+        for child in self._exdriver_workers():
+            info = files.get(child.name)
+            if child.proc is None or info is None or info.get("pid") != child.proc.pid:
+                if not child.finished:
+                    return False
+                continue
+            for driver in info.get("drivers", []):
+                if driver.get("state") in ("STARTING", "RUNNING") and not driver.get("devices"):
+                    return False
+        return True
+
     def close(self) -> None:
         """Stop every child in order, then close what the arbiter serves."""
         self.stop_all()
+        if self.listener is not None:
+            self.listener.close()
         self.control.close()
         if self.fifo is not None:
             self.fifo.close()

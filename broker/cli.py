@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from indibroker.broker.config import Config, DriverConfig, RemoteConfig, load_toml
 from indibroker.broker.control import request
 from indibroker.broker.errors import ConfigError, ControlError, IndibrokerError
+from indibroker.broker.listening import listen
 from indibroker.broker.runtime import RuntimeDir, configure_logging
 
 __all__ = ["main", "build_parser", "serve"]
@@ -148,40 +150,36 @@ def cmd_start(args: argparse.Namespace) -> int:
     return serve(config_from_args(args))
 
 
-def serve(config: Config) -> int:
-    """Run an instance in the foreground until SIGTERM or Ctrl-C (also the indiserver shim's)."""
+def serve(config: Config, listener: socket.socket | None = None) -> int:
+    """Run an instance in the foreground until SIGTERM or Ctrl-C (also the indiserver shim's,
+    which passes the socket it listened on first thing)."""
     from indibroker.broker.arbiter import Arbiter  # the other commands need none of this
 
     configure_logging("arbiter", logging.getLevelName(config.log_level.upper()))
     runtime = _runtime(argparse.Namespace(runtime_dir=config.runtime_dir), config.port)
     runtime.acquire()
     try:
-        _check_port_free(config.host, config.port)
+        # Listen before the workers' code is imported and before any driver starts: a client
+        # connecting meanwhile waits in the backlog instead of being refused.
+        listener = listener or listen_or_fail(config.host, config.port)
         # Workers are forked from this process: import what they run now, once, and keep the
         # collector away from it, so that every worker shares these pages instead of copying them.
         from indibroker.workers.__main__ import preload
 
         preload()
         gc.freeze()
-        arbiter = Arbiter(config, runtime)
+        arbiter = Arbiter(config, runtime, listener=listener)
         return arbiter.run()
     finally:
         runtime.release()
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Fail at once, with a clear line, if something else already serves the port."""
-    import socket
-
-    from indibroker.workers.gateway import resolve_listen
-
-    family, addr = resolve_listen(host, port)
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(addr)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+def listen_or_fail(host: str, port: int) -> socket.socket:
+    """The clients' port, listening; a clear one-line error if anything else serves it."""
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _format_status(rows: list[dict[str, Any]]) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from indibroker.broker.errors import ConfigError
+from indibroker.broker.listening import INDI_PORT
 from indibroker.broker.supervision import RestartPolicy
 from indibroker.workers.access import AccessPolicy, parse_networks
 from indibroker.workers.codec import DEFAULT_MAX_ELEMENT
@@ -76,7 +77,7 @@ class RemoteConfig:
     """Another INDI server whose devices we serve (indiserver's ``[device]@host[:port]``)."""
 
     host: str
-    port: int = 7624
+    port: int = INDI_PORT
     device: str = ""  # only this device, as indiserver's device@host:port
     blob_enable: bool = False
     name: str = ""
@@ -89,7 +90,7 @@ class RemoteConfig:
         host, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
         if not host or (colon and not port.isdigit()):
             raise ConfigError(f"remote {text!r}: expected [device@]host[:port]")
-        return cls(host=host, port=int(port) if colon else 7624, device=device if at else "",
+        return cls(host=host, port=int(port) if colon else INDI_PORT, device=device if at else "",
                    blob_enable=blob_enable)
 
     def settings(self, config: Config) -> RemoteSettings:
@@ -101,7 +102,7 @@ class RemoteConfig:
 @dataclass
 class Config:
     host: str = "localhost"
-    port: int = 7624
+    port: int = INDI_PORT
     gateways: int = field(default_factory=default_gateways)
     maxconnections: int = 0  # 0: unlimited
     # Access rules (workers/access.py), off by default: CIDR networks.

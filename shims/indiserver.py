@@ -9,21 +9,30 @@ can start this instead, unchanged::
 As indiserver: every interface is served (not only localhost), `-r` bounds a crashing driver's
 restarts (ours back off between them and forgive a driver that ran stably), `-f` accepts
 `start`/`stop` lines. `-u` (indiserver's local socket) is accepted and ignored.
+
+The port listens first thing, before the rest of indibroker is imported (KStars connects the
+moment it has launched the server; see broker/listening.py): this module imports only that at
+its top.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from indibroker.broker.config import Config, DriverConfig, RemoteConfig
-from indibroker.broker.errors import IndibrokerError
-from indibroker.broker.supervision import RestartPolicy
+from indibroker.broker.listening import INDI_PORT, listen
+
+if TYPE_CHECKING:
+    from indibroker.broker.config import Config
 
 __all__ = ["main", "config_from_indiserver_args"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from indibroker.broker.config import Config
+    from indibroker.broker.supervision import RestartPolicy
+
     parser = argparse.ArgumentParser(prog="indibroker-indiserver",
                                      description="indiserver's command line, served by indibroker")
     # indiserver's defaults are ours (Config, RestartPolicy): taken from there, not restated.
@@ -44,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_indiserver_args(argv: list[str]) -> Config:
+    from indibroker.broker.config import Config, DriverConfig, RemoteConfig
+    from indibroker.broker.errors import IndibrokerError
+
     args = _parser().parse_args(argv)
     if not args.drivers and not args.fifo:
         raise IndibrokerError("no drivers given (and no -f FIFO to start them later)")
@@ -62,14 +74,36 @@ def config_from_indiserver_args(argv: list[str]) -> Config:
     return config
 
 
+def _early_port(argv: list[str]) -> int | None:
+    """indiserver's `-p PORT` from its command line, without the argument parser (which needs
+    the rest of indibroker); None if it is not a plain number (the parser then says why)."""
+    port = str(INDI_PORT)
+    for i, arg in enumerate(argv):
+        if arg == "-p" and i + 1 < len(argv):
+            port = argv[i + 1]
+        elif arg.startswith("-p") and arg[2:].isdigit():
+            port = arg[2:]
+    return int(port) if port.isdigit() else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    port = _early_port(args)
+    try:  # as indiserver: every interface; a port in use is then reported by `serve`
+        listener = listen("0.0.0.0", port) if port is not None and "-h" not in args else None
+    except OSError:
+        listener = None
     from indibroker.broker.cli import serve
+    from indibroker.broker.errors import IndibrokerError
 
     try:
-        return serve(config_from_indiserver_args(sys.argv[1:] if argv is None else argv))
+        return serve(config_from_indiserver_args(args), listener)
     except IndibrokerError as exc:
         sys.stderr.write(f"indibroker-indiserver: {exc}\n")
         return 1
+    finally:
+        if listener is not None:
+            listener.close()
 
 
 if __name__ == "__main__":

@@ -217,6 +217,9 @@ class Broker:
         if wait:
             wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 20,
                        what="indibroker to listen")
+            # The port listens from the start; gateways start accepting once the drivers are in.
+            wait_until(lambda: self.proc.poll() is not None or any(
+                p.name().startswith("ib-gateway") for p in self.tree()), 20, what="indibroker's gateways")
             assert self.proc.poll() is None, f"indibroker exited early:\n{self.log()}"
         return self
 

@@ -99,3 +99,43 @@ def test_a_driver_that_cannot_start_ends_the_server_with_status_1(tmp_path):
     code, stderr = run_until_exit(tmp_path, "-r", "0", "/nonexistent/fakedriver", timeout=20)
     assert code == 1
     assert "Driver /nonexistent/fakedriver: Terminated after #0 restarts." in stderr
+
+
+def test_the_port_listens_before_any_driver_starts_and_the_first_client_sees_each_definition_once(tmp_path):
+    """KStars connects the moment it has launched the server: the port must already listen (a
+    refused first connection loses KStars its server), and what it asks first must reach the
+    drivers, answered once."""
+    import socket
+    import time
+
+    from support import RawClient, is_
+
+    mark = tmp_path / "driver-started"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "indibroker.shims.indiserver", "-p", str(port),
+                             os.path.join(os.path.dirname(__file__), "drivers", "started_marker.py")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path), "MARK_FILE": str(mark)})
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the shim never listened"
+                time.sleep(0.001)
+        assert not mark.exists(), "a driver ran before the port listened"
+        sock.close()
+        client = RawClient(port)
+        client.send('<getProperties version="1.7"/>')
+        client.wait_for(is_("defSwitchVector", "Marked", "CONNECTION"), 20)
+        # A marker: the driver answers in order, so any second answer to the first question (or
+        # its start-up definition arriving late) would come before this one's.
+        client.send('<getProperties version="1.7" device="Marked"/>')
+        wait_until(lambda: client.pump(0.1) >= 0 and client.count("defSwitchVector", "Marked") >= 2, 10,
+                   what="the marker's definition")
+        assert client.count("defSwitchVector", "Marked") == 2  # one per question: none twice
+        client.close()
+    finally:
+        stop(proc)

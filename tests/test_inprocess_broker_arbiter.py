@@ -31,7 +31,7 @@ from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
 from indibroker.broker.oscalls import ForkedProcess
 from indibroker.broker.router import BATCH, Broker
-from indibroker.broker.runtime import RuntimeDir, StatusFile
+from indibroker.broker.runtime import RuntimeDir, StatusFile, statusfile_write
 from indibroker.broker.transport import recv_frames, send_frames
 from indibroker.workers.reactor import Reactor
 
@@ -326,19 +326,32 @@ ArbiterMaker = Callable[..., tuple[Arbiter, FakeForker]]
 def make_arbiter(runtime: RuntimeDir, no_zmq: None) -> Iterator[ArbiterMaker]:
     made: list[tuple[Arbiter, FakeForker]] = []
 
-    def make(config: Config | None = None) -> tuple[Arbiter, FakeForker]:
+    def make(config: Config | None = None, settle: bool = True) -> tuple[Arbiter, FakeForker]:
         forker = FakeForker()
         config = config or Config(host="127.0.0.1", port=0)
         config.assign_names()
         arbiter = Arbiter(config, runtime, reactor=Reactor(), forker=forker)
         arbiter.start()
         made.append((arbiter, forker))
+        if settle:
+            drivers_defined(arbiter, runtime)
         return arbiter, forker
 
     yield make
     for arbiter, forker in made:
         arbiter.close()
         forker.close()
+
+
+def drivers_defined(arbiter: Arbiter, runtime: RuntimeDir) -> None:
+    """Each driver worker says (in its status file) that its drivers have defined a device; the
+    arbiter then starts the gateways."""
+    for worker in arbiter._exdriver_workers():
+        assert worker.proc is not None
+        statusfile_write(runtime, worker.name, {"pid": worker.proc.pid, "drivers": [
+            {"name": d.name, "state": "RUNNING", "devices": [d.name.upper()]} for d in worker.drivers]})
+    turn_until(arbiter.reactor, lambda: all(c.proc is not None for c in arbiter.children if c.role == "gateway"),
+               timeout=2, what="the gateways started")
 
 
 def child(arbiter: Arbiter, name: str) -> Child:
@@ -348,8 +361,13 @@ def child(arbiter: Arbiter, name: str) -> Child:
 def test_start_forks_every_child_broker_first(make_arbiter: ArbiterMaker) -> None:
     config = Config(host="127.0.0.1", port=0, gateways=2, exdriver_workers=2,
                     drivers=[DriverConfig(argv=["indi_a"]), DriverConfig(argv=["indi_b"])])
-    arbiter, forker = make_arbiter(config)
-    assert forker.started == ["ib-broker", "ib-gateway-0", "ib-gateway-1", "ib-exdriver-0", "ib-exdriver-1"]
+    arbiter, forker = make_arbiter(config, settle=False)
+    # Clients wait in the listening socket's backlog until the drivers have defined their devices.
+    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1"]
+    arbiter.reactor.turn(max_wait=0.05)
+    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1"]
+    drivers_defined(arbiter, arbiter.runtime)
+    assert forker.started[3:] == ["ib-gateway-0", "ib-gateway-1"]
     assert all(c.proc is not None and c.lifecycle.state.value == "RUNNING" for c in arbiter.children)
     assert [d.name for d in child(arbiter, "exdriver-1").drivers] == ["indi_b"]
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sized
 from pathlib import Path
 
 from indibroker.broker.errors import MalformedInput
+from indibroker.broker.listening import listen
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.codec import Element, StreamDecoder
@@ -42,7 +43,7 @@ from indibroker.workers.outqueue import OutQueue
 from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import GatewaySettings
 
-__all__ = ["Admission", "Client", "Connections", "ConnectionSlots", "listen", "resolve_listen"]
+__all__ = ["Admission", "Client", "Connections", "ConnectionSlots"]
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +75,6 @@ def open_reserve() -> int:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return -1
-
-
-def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
-    """The address to bind: IPv4 first for names like localhost, as indiserver binds."""
-    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                               socket.AI_PASSIVE)
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    family, _, _, _, addr = infos[0]
-    return family, addr
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket other gateway processes can share (SO_REUSEPORT)."""
-    family, addr = resolve_listen(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(addr)
-    sock.listen(512)
-    sock.setblocking(False)
-    return sock
 
 
 class ConnectionSlots:
@@ -174,7 +154,11 @@ class Admission:
         """Listen (and take the connection slots' directory, with maxconnections)."""
         if self.maxconnections:
             self.slots = ConnectionSlots(self._slots_dir, self.maxconnections)
-        self.listener = listen(self.settings.host, self.settings.port)
+        fd = self.settings.listen_fd
+        # The arbiter's listening socket, inherited (it listened before anything else started);
+        # a gateway built on its own (tests) listens itself.
+        self.listener = socket.socket(fileno=fd) if fd >= 0 else listen(self.settings.host, self.settings.port)
+        self.listener.setblocking(False)
         self._reserve = open_reserve()
         self.reactor.add_reader(self.listener.fileno(), lambda _fd: self._accept())
         return self.listener

@@ -1,7 +1,7 @@
 """The TCP client gateway: INDI clients connect here (port 7624 by default).
 
-Several gateway processes may share the port (SO_REUSEPORT) to use several cores. The gateway is
-three parts, one concern each:
+Several gateway processes share the port to use several cores: each accepts on the arbiter's
+listening socket, which it inherits. The gateway is three parts, one concern each:
 
 - `workers.clients.Connections`: the connections (accept and admission, reading and decoding,
   each client's output queue and its writes, dropping a client);
@@ -25,13 +25,13 @@ from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.blobroom import BlobRoom, Signal
-from indibroker.workers.clients import Client, Connections, resolve_listen
+from indibroker.workers.clients import Client, Connections
 from indibroker.workers.codec import Element
 from indibroker.workers.interest import union
 from indibroker.workers.settings import GatewaySettings, Inheritance
 from indibroker.workers.traffic import Traffic
 
-__all__ = ["Gateway", "resolve_listen"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,7 @@ class GatewaySettings(WorkerSettings):
     max_element: int  # largest element a client may send
     max_partial_bytes: int  # unfinished client input the gateway holds in total
     access: AccessPolicy  # who may connect, and who may change what
+    listen_fd: int = -1  # the arbiter's listening socket, inherited (-1: listen on host:port itself)
 
 
 @dataclass(frozen=True)

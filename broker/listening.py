@@ -1,0 +1,44 @@
+"""The TCP port clients connect to, bound by the first process before anything heavy.
+
+KStars connects the moment it has launched the server and, refused, forgets which server its
+driver belongs to; the real indiserver listens about 2 ms after launch. So the arbiter binds and
+listens first (this module needs only `socket`), before importing the workers' code and before
+any driver starts: a connection that arrives early waits in the kernel's backlog, where a refused
+one would not. Gateways inherit the listening descriptor and accept on it; they start accepting
+once the drivers' workers have registered, so a client's first getProperties reaches its drivers.
+"""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["resolve_listen", "listen", "BACKLOG", "INDI_PORT"]
+
+BACKLOG = 512
+INDI_PORT = 7624  # INDI's port: `Config.port`'s default and the indiserver shim's
+
+
+def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """The address to bind: IPv4 first for names like localhost, as indiserver binds."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    family, _, _, _, addr = infos[0]
+    return family, addr
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking socket; OSError (EADDRINUSE) if anything else listens there.
+    One socket for every gateway (they inherit it), so no SO_REUSEPORT: a second server on the
+    port is refused, not silently given half the connections."""
+    family, addr = resolve_listen(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
