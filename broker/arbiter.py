@@ -40,6 +40,7 @@ from indibroker.workers.settings import (
     EXIT_NO_DRIVERS,
     DriverSettings,
     ExDriverSettings,
+    GatewaySettings,
     Inheritance,
     WorkerSettings,
 )
@@ -49,7 +50,7 @@ __all__ = ["Arbiter", "Child"]
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 8.0
-GATEWAY_START_WAIT = 3.0  # seconds clients may wait in the backlog for the drivers to define
+GATEWAY_START_WAIT = 1.0  # seconds clients may wait in the backlog for the drivers to define
 # The backbone processes must always come back: quick, many restarts, never flapping to FATAL.
 WORKER_POLICY = RestartPolicy(max_restarts=1000, backoff_initial=0.2, backoff_max=5.0,
                               stable_after=10.0, flap_max_exits=0)
@@ -94,10 +95,11 @@ class Arbiter:
     signature), so that nothing is forked."""
 
     def __init__(self, config: Config, runtime: RuntimeDir, *, reactor: Reactor | None = None,
-                 forker: Forker = fork_child, listener: socket.socket | None = None):
+                 forker: Forker = fork_child, listeners: list[socket.socket] | None = None):
         self.config = config
-        # The clients' port, listening since start-up (broker/listening.py); gateways inherit it.
-        self.listener = listener
+        # The clients' port, listening since start-up (broker/listening.py): one socket per
+        # gateway, which inherits its own.
+        self.listeners = listeners or []
         self.runtime = runtime
         self.children: list[Child] = []
         self.reactor = reactor or Reactor()
@@ -120,8 +122,8 @@ class Arbiter:
                                         name="demo"))
         for i in range(max(1, cfg.gateways)):
             settings = cfg.gateway_settings(i)
-            if self.listener is not None:
-                settings = dataclasses.replace(settings, listen_fd=self.listener.fileno())
+            if i < len(self.listeners):
+                settings = dataclasses.replace(settings, listen_fd=self.listeners[i].fileno())
             self.children.append(Child("gateway", settings))
         for remote in cfg.remotes:
             self.children.append(Child("remote", remote.settings(cfg)))
@@ -152,8 +154,8 @@ class Arbiter:
         settings, inheritance = child.settings_now(), child.inheritance
         try:
             keep = [read_end]
-            if child.role == "gateway" and self.listener is not None:
-                keep.append(self.listener.fileno())
+            if isinstance(settings, GatewaySettings) and settings.listen_fd >= 0:
+                keep.append(settings.listen_fd)
             child.proc = self._fork(lambda: run_role(child.role, settings, inheritance), env,
                                     keep_fds=keep, name=f"ib-{child.name}")
         except OSError as exc:
@@ -427,7 +429,7 @@ class Arbiter:
     def _drivers_settled(self) -> bool:
         """Every driver's worker has published a status in which each driver has defined a
         device or is not running (crashed and backing off, gave up, stopped): clients may come
-        in. Only a driver running and not yet defined holds them back (at most 3 s)."""
+        in. Only a driver running and not yet defined holds them back (at most 1 s)."""
         files = self.runtime.read_status()
         for child in self._exdriver_workers():
             info = files.get(child.name)
@@ -443,8 +445,8 @@ class Arbiter:
     def close(self) -> None:
         """Stop every child in order, then close what the arbiter serves."""
         self.stop_all()
-        if self.listener is not None:
-            self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         self.control.close()
         if self.fifo is not None:
             self.fifo.close()

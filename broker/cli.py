@@ -161,14 +161,15 @@ def serve(config: Config, listener: socket.socket | None = None) -> int:
     try:
         # Listen before the workers' code is imported and before any driver starts: a client
         # connecting meanwhile waits in the backlog instead of being refused.
-        listener = listener or listen_or_fail(config.host, config.port)
+        listeners = [listener or listen_or_fail(config.host, config.port)]
+        listeners += [listen_or_fail(config.host, config.port) for _ in range(1, config.gateways)]
         # Workers are forked from this process: import what they run now, once, and keep the
         # collector away from it, so that every worker shares these pages instead of copying them.
         from indibroker.workers.__main__ import preload
 
         preload()
         gc.freeze()
-        arbiter = Arbiter(config, runtime, listener=listener)
+        arbiter = Arbiter(config, runtime, listeners=listeners)
         return arbiter.run()
     finally:
         runtime.release()

@@ -6,6 +6,8 @@ listens first (this module needs only `socket`), before importing the workers' c
 any driver starts: a connection that arrives early waits in the kernel's backlog, where a refused
 one would not. Gateways inherit the listening descriptor and accept on it; they start accepting
 once the drivers' workers have registered, so a client's first getProperties reaches its drivers.
+Each gateway has a socket of its own on the port (SO_REUSEPORT), which the arbiter keeps: a
+gateway that crashes finds its connections waiting in its backlog when it is restarted.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A listening, non-blocking socket; OSError (EADDRINUSE) if anything else listens there.
-    One socket for every gateway (they inherit it), so no SO_REUSEPORT: a second server on the
-    port is refused, not silently given half the connections."""
+    """A listening, non-blocking socket; OSError (EADDRINUSE) if another server listens there.
+    SO_REUSEPORT: the arbiter opens one per gateway on the same port, and the kernel spreads
+    new connections over them (one socket shared by every gateway went mostly to one)."""
     family, addr = resolve_listen(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
         sock.listen(BACKLOG)
     except OSError:

@@ -175,6 +175,14 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _name(proc: psutil.Process) -> str:
+    """A process's name, or "" once it has gone (a driver that exits at once)."""
+    try:
+        return str(proc.name())
+    except psutil.Error:
+        return ""
+
+
 def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     out = []
     for p in procs:
@@ -219,7 +227,7 @@ class Broker:
                        what="indibroker to listen")
             # The port listens from the start; gateways start accepting once the drivers are in.
             wait_until(lambda: self.proc.poll() is not None or any(
-                p.name().startswith("ib-gateway") for p in self.tree()), 20, what="indibroker's gateways")
+                _name(p).startswith("ib-gateway") for p in self.tree()), 20, what="indibroker's gateways")
             assert self.proc.poll() is None, f"indibroker exited early:\n{self.log()}"
         return self
 

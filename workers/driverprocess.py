@@ -15,18 +15,20 @@ spawns no process.
 
 from __future__ import annotations
 
+import collections
 import logging
 import logging.handlers
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from indibroker.broker.oscalls import pdeathsig_prefix, reap, signal_group, spawn
+from indibroker.broker.oscalls import pdeathsig_prefix, reap, signal_group
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.runtime import utc_formatter
 from indibroker.workers.linebuffer import LineBuffer
@@ -46,6 +48,7 @@ STOP_TIMEOUT = 5.0  # after SIGTERM, how long a driver has to exit before SIGKIL
 KILL_TIMEOUT = 1.0  # after SIGKILL, how long we wait before saying a driver survived it
 WATCHDOG_PERIOD = 1.0  # how often a driver with waiting input is checked for progress
 DRAIN_READS = 64  # reads of what a dead driver wrote last, at most
+MAX_FDS = 16  # buffers a libindi driver passes with one message, at most
 LOG_FILE_BYTES = 1024 * 1024
 LOG_FILE_COUNT = 3
 
@@ -72,6 +75,20 @@ class Child(Protocol):
     def stderr(self) -> Pipe | None: ...
 
 
+class SocketpairChild:
+    """A driver started as indiserver starts it (1.9.7+): one end of a Unix socketpair is its
+    stdin and its stdout, stderr a pipe. libindi drivers see a Unix socket and send each BLOB
+    as a memory buffer (memfd) passed with SCM_RIGHTS beside its `attached="true"` oneBLOB,
+    instead of encoding it in base64 (what they do on pipes)."""
+
+    def __init__(self, popen: subprocess.Popen, ours: socket.socket):
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdin = ours  # our end, both ways
+        self.stdout = ours
+        self.stderr = popen.stderr
+
+
 class ProcessCalls:
     """The OS calls of driver processes, in one place (tests replace it)."""
 
@@ -82,21 +99,43 @@ class ProcessCalls:
         return shutil.which(program)
 
     def spawn(self, argv: Sequence[str], env: dict[str, str]) -> Child:
-        """Start `argv` in its own session, with non-blocking pipes, dying with us."""
+        """Start `argv` in its own session, dying with us, on a socketpair (`SocketpairChild`)."""
         if self._prefix is None:
             self._prefix = pdeathsig_prefix()
-        return spawn([*self._prefix, *argv], env=env, pipes=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            popen = subprocess.Popen(
+                [*self._prefix, *argv], stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE,
+                env={**os.environ, **env}, start_new_session=True, close_fds=True, bufsize=0)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        assert popen.stderr is not None
+        os.set_blocking(popen.stderr.fileno(), False)
+        return SocketpairChild(popen, ours)
 
     def poll(self, child: Child) -> int | None:
         """The exit code once `child` has exited (reaping it), else None."""
-        assert isinstance(child, subprocess.Popen)
-        return reap(child)
+        popen = child.popen if isinstance(child, SocketpairChild) else child
+        assert isinstance(popen, subprocess.Popen)
+        return reap(popen)
 
     def signal_group(self, pid: int, sig: int) -> bool:
         return signal_group(pid, sig)
 
     def read(self, fd: int, size: int) -> bytes:
         return os.read(fd, size)
+
+    def receive(self, stream: Pipe, size: int) -> tuple[bytes, list[int]]:
+        """What the driver wrote, and the descriptors it passed with it (a socketpair's
+        SCM_RIGHTS: its BLOBs' memory buffers, in order); a pipe passes none."""
+        if isinstance(stream, socket.socket):
+            data, fds, _flags, _addr = socket.recv_fds(stream, size, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+            return data, fds
+        return self.read(stream.fileno(), size), []
 
     def wait(self, pids: Sequence[int], timeout: float) -> list[int]:
         """Wait up to `timeout` for every process in `pids` to exit (reaping them); returns
@@ -131,6 +170,7 @@ class DriverProcess:
         self.last_read = 0.0  # monotonic: when its stdout last gave bytes, or reading resumed
         self._stdout_open = False  # until EOF on it
         self._stderr = LineBuffer()
+        self.buffers: collections.deque[int] = collections.deque()  # passed descriptors, in order
         self._hang_timer: Timer | None = None
         self._stuck_since: float | None = None  # since when its waiting input has not moved
         self._progress_mark = 0  # stdin.written when last checked
@@ -186,6 +226,12 @@ class DriverProcess:
         self.calls.signal_group(child.pid, signal.SIGTERM)
         self.reactor.call_later(STOP_TIMEOUT, lambda: self._kill_if_still(child))
 
+    def kill(self) -> None:
+        """Drop a misbehaving driver at once: SIGKILL to its group; its exit is reported by
+        `reap` as any other (a crash: it is restarted per its policy)."""
+        if self.child is not None:
+            self.calls.signal_group(self.child.pid, signal.SIGKILL)
+
     def _kill_if_still(self, child: Child) -> None:
         if self.child is child:
             log.warning("driver %s ignored SIGTERM: killing", self.name)
@@ -200,12 +246,12 @@ class DriverProcess:
         child = self.child
         if child is None or child.stdout is None or not self._stdout_open:
             return
-        fd = child.stdout.fileno()
         for _ in range(DRAIN_READS):
             try:
-                data = self.calls.read(fd, READ_SIZE)
+                data, fds = self.calls.receive(child.stdout, READ_SIZE)
             except OSError:
                 return
+            self.buffers.extend(fds)
             if not data:
                 return
             self.on_output(data)
@@ -223,10 +269,11 @@ class DriverProcess:
         child = self.child
         assert child is not None
         self.stdin.detach()
-        for stream in (child.stdin, child.stdout, child.stderr):
-            if stream is not None:
-                self.reactor.forget(stream.fileno())
-                stream.close()
+        for stream in {id(s): s for s in (child.stdin, child.stdout, child.stderr) if s is not None}.values():
+            self.reactor.forget(stream.fileno())  # (one socket is both stdin and stdout)
+            stream.close()
+        while self.buffers:  # buffers it passed that no message claimed
+            os.close(self.buffers.popleft())
         self.child = None
         self.reading = False
         self._stdout_open = False
@@ -247,19 +294,21 @@ class DriverProcess:
             self.last_read = time.monotonic()  # its silence while we did not read is ours
             self.reactor.add_reader(child.stdout.fileno(), self._on_stdout)
         else:
-            self.reactor.forget(child.stdout.fileno())
+            self.reactor.remove_reader(child.stdout.fileno())  # its stdin may still be written
 
     def _on_stdout(self, fd: int) -> None:
+        assert self.child is not None and self.child.stdout is not None
         try:
-            data = self.calls.read(fd, self.read_size())
+            data, fds = self.calls.receive(self.child.stdout, self.read_size())
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             log.warning("driver %s: stdout read failed: %s", self.name, exc)
-            data = b""
+            data, fds = b"", []
+        self.buffers.extend(fds)
         if not data:
             # EOF: the driver is exiting (or closed stdout); SIGCHLD reports the exit.
-            self.reactor.forget(fd)
+            self.reactor.remove_reader(fd)
             self._stdout_open = False
             self.reading = False
             return

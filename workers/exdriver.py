@@ -21,12 +21,16 @@ in bytes, so a driver that stops reading cannot grow our memory or block anyone 
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from lxml import etree
 
 from indibroker.broker import wire
 from indibroker.broker.oscalls import describe_exit
@@ -299,10 +303,47 @@ class ExDriverWorker(Worker):
                 driver.spec.unfinished_timeout, lambda: self._unfinished_due(driver))
         pacer = driver.pacer
         for element in elements:
+            if element.tag == "setBLOBVector" and b"attached" in element.raw:
+                inlined = self._inline_buffers(driver, element)
+                if inlined is None:
+                    return  # the driver is being dropped
+                element = inlined
             if pacer.admit(element):
                 self._from_driver(driver, element)
         if not pacer.should_read:
             driver.process.read_stdout(False)  # a BLOB is held: the driver waits on its pipe
+
+    def _inline_buffers(self, driver: Driver, el: Element) -> Element | None:
+        """A libindi driver on its socketpair passes each BLOB as a memory buffer, bound to its
+        `attached="true"` oneBLOBs in document order: what clients and snooping drivers are sent
+        is the same BLOB in base64, as a driver on a pipe writes it (encoded once, here). A driver
+        that says `attached` without a buffer is dropped, as indiserver drops it."""
+        buffers = driver.process.buffers
+        changed = False
+        for one in el.root:
+            if one.get("attached") != "true":
+                continue
+            if not buffers:
+                log.error("driver %s: attached BLOB %s without its buffer (Missing shared buffer): "
+                          "dropping the driver", driver.name, one.get("name"))
+                driver.process.kill()
+                return None
+            fd = buffers.popleft()
+            try:
+                size = int(one.get("size") or 0)
+                data = os.pread(fd, size, 0) if size > 0 else b""
+            except (OSError, ValueError) as exc:
+                log.error("driver %s: its BLOB buffer cannot be read (%s): dropping the driver", driver.name, exc)
+                driver.process.kill()
+                return None
+            finally:
+                os.close(fd)
+            encoded = base64.b64encode(data)
+            del one.attrib["attached"]
+            one.set("enclen", str(len(encoded)))
+            one.text = encoded.decode("ascii")
+            changed = True
+        return Element(etree.tostring(el.root), el.root) if changed else el
 
     def _report_faults(self, driver: Driver) -> None:
         """What the decoder skipped (bad XML, an element cut short): logged, rate-limited."""

@@ -69,6 +69,10 @@ class Reactor:
     def add_reader(self, fd: int, callback: FdCallback) -> None:
         self._set(self._readers, fd, callback)
 
+    def remove_reader(self, fd: int) -> None:
+        """Stop reading `fd`, leaving its writer (a socket written and read both ways)."""
+        self._set(self._readers, fd, None)
+
     def set_writer(self, fd: int, callback: FdCallback | None) -> None:
         self._set(self._writers, fd, callback)
 
