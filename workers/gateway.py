@@ -1,7 +1,8 @@
 """The TCP client gateway: INDI clients connect here (port 7624 by default).
 
-Several gateway processes share the port to use several cores: each accepts on the arbiter's
-listening socket, which it inherits. The gateway is three parts, one concern each:
+Several gateway processes share the port to use several cores: each accepts on a listening
+socket of its own (SO_REUSEPORT) that the arbiter opened and it inherits. The gateway is three
+parts, one concern each:
 
 - `workers.clients.Connections`: the connections (accept and admission, reading and decoding,
   each client's output queue and its writes, dropping a client);
