@@ -104,11 +104,15 @@ class Backbone:
     def _reconnect(self) -> None:
         """A fresh connection: whatever the old one was stuck in (a route handed to another
         connection, a half-dead pipe) is gone with it."""
+        self._disconnect()
+        self.reconnects += 1
+        self._connect()
+
+    def _disconnect(self) -> None:
         if self.sock is not None:
             self.reactor.remove_zmq(self.sock)
             self.sock.close(linger=0)
-        self.reconnects += 1
-        self._connect()
+            self.sock = None
 
     def hello(self) -> None:
         self._records, self._bodies = [], []  # batched for a broker that no longer knows us: moot
@@ -230,7 +234,4 @@ class Backbone:
         """Drop the connection for good (idempotent): a worker whose arbiter is gone must not
         reconnect anywhere, and nothing it still does afterwards reaches a broker."""
         self._heartbeat_timer.cancel()
-        if self.sock is not None:
-            self.reactor.remove_zmq(self.sock)
-            self.sock.close(linger=0)
-            self.sock = None
+        self._disconnect()

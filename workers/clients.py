@@ -43,7 +43,7 @@ from indibroker.workers.outqueue import OutQueue
 from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import GatewaySettings
 
-__all__ = ["Admission", "Client", "Connections", "ConnectionSlots"]
+__all__ = ["Admission", "Client", "Connections", "ConnectionSlots", "host_of"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ _NO_FDS = (errno.EMFILE, errno.ENFILE)
 _ACCEPT_SKIP = (errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH)
 NO_FDS_TEXT = "indibroker: server out of file descriptors; connection refused"
+
+
+def host_of(peer: str) -> str:
+    """The address part of a peer's "host:port" (what access rules and rate-limited logs key on)."""
+    return peer.rpartition(":")[0]
 
 
 def fd_ceiling() -> int:
@@ -288,7 +293,7 @@ class Admission:
             slot = taken
         host_slot = -1
         if self.access.max_per_address:
-            host = peer.rpartition(":")[0]
+            host = host_of(peer)
             try:
                 host_slot = ConnectionSlots(self._slots_dir / "by-address" / host.replace("/", "_"),
                                             self.access.max_per_address).take() or -1
@@ -432,7 +437,7 @@ class Connections:
             if worst is None or not worst.partial:
                 return
             self._warn.warning(
-                ("partial", worst.peer.rpartition(":")[0]),
+                ("partial", host_of(worst.peer)),
                 "client %s dropped: it held %d bytes of an unfinished element, the most of any "
                 "client, and all clients together held %d, over max_partial_bytes (%d)",
                 worst.peer, worst.partial, self.partial_total, self.max_partial_bytes)
@@ -504,7 +509,7 @@ class Connections:
             return
         client.closed = True
         if level >= logging.WARNING:  # a peer can make these repeat (reconnect and do it again)
-            host = client.peer.rpartition(":")[0]
+            host = host_of(client.peer)
             self._warn.log(level, (why.partition(":")[0], host), "client %s dropped: %s", client.peer, why)
         else:
             log.log(level, "client %s dropped: %s", client.peer, why)
