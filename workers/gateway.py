@@ -26,7 +26,7 @@ from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.base import Worker
 from indibroker.workers.blobroom import BlobRoom, Signal
-from indibroker.workers.clients import Client, Connections, host_of
+from indibroker.workers.clients import Client, Connections
 from indibroker.workers.codec import Element
 from indibroker.workers.interest import union
 from indibroker.workers.settings import GatewaySettings, Inheritance
@@ -112,7 +112,7 @@ class Gateway(Worker):
                 log.info("client %s: %s without device or name ignored", client.peer, tag)
                 return
             if not self.access.open:
-                why = self.access.may_write(host_of(client.peer), device)
+                why = self.access.may_write(client.host, device)
                 if why is not None:  # nothing reaches a driver; the client is told why
                     self._refusals.warning(("write", client.peer), "client %s: %s %s.%s refused: %s",
                                            client.peer, tag, device, name, why)
