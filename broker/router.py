@@ -69,7 +69,8 @@ class Broker:
         self._awaiting: dict[str, list[tuple[float, bytes, bytes]]] = {}
         self._awaiting_bytes = 0
         self._verbs: dict[bytes, Handler] = {
-            wire.HB: self._on_heartbeat, wire.DEF: self._on_driver_output, wire.SET: self._on_driver_output,
+            wire.HB: self._on_heartbeat, wire.ECHO: self._on_echo,
+            wire.DEF: self._on_driver_output, wire.SET: self._on_driver_output,
             wire.DEL: self._on_driver_output, wire.MSG: self._on_driver_output, wire.SNOOP: self._on_snoop,
             wire.GETP: self._on_get_properties, wire.NEW: self._on_new, wire.FLOW: self._on_flow,
             wire.SUB: self._on_sub,
@@ -154,6 +155,10 @@ class Broker:
                       payload: Payload) -> None:
         self._queue(ident, wire.header(wire.HB), b"")
 
+    def _on_echo(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                 payload: Payload) -> None:
+        self._queue(ident, head, payload)
+
     def _on_driver_output(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                           payload: Payload) -> None:
         """DEF SET DEL MSG: to every interested peer; a DEF claims its device, a whole-device DEL
@@ -175,14 +180,18 @@ class Broker:
         elif verb == wire.DEL and device and not name:
             table.release(ident, device)
             self.on_change()
-        blob = flags == wire.FLAG_BLOB
+        shared = flags == wire.FLAG_SHARED
+        blob = shared or flags == wire.FLAG_BLOB
         targets = table.targets(device, name, blob)
         for target in targets:
             self._queue(target, head, payload)
         if blob and device:
-            gateways = [t for t in targets if table.peers[t].role == "gateway"]
-            if self.pacing.routed(device, gateways):
-                self._flow(ident, device, wire.FLOW_DONE)
+            # A shared buffer's every taker says DONE once it has it (its owner then closes it);
+            # of a BLOB in the message itself, gateways only (pacing).
+            takers = targets if shared else [t for t in targets if table.peers[t].role == "gateway"]
+            done = self.pacing.routed(device, takers)
+            if done:
+                self._flow(ident, device, wire.FLOW_DONE, done)
 
     def _on_snoop(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                   payload: Payload) -> None:

@@ -31,7 +31,7 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
 
 from indibroker.broker.errors import MalformedInput
@@ -40,9 +40,10 @@ from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.codec import Element, StreamDecoder
 from indibroker.workers.interest import Interest
-from indibroker.workers.outqueue import OutQueue
+from indibroker.workers.outqueue import Attached, OutQueue
 from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import GatewaySettings
+from indibroker.workers.sharedblob import SharedFd
 
 __all__ = ["Admission", "Client", "Connections", "ConnectionSlots", "host_of", "LOCAL_HOST"]
 
@@ -466,9 +467,11 @@ class Connections:
             self.drop(worst, "unfinished input over max_partial_bytes", level=logging.DEBUG)
 
     # -- output -----------------------------------------------------------------------------
-    def deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> None:
+    def deliver(self, client: Client, data: bytes | memoryview, blob: bool,
+                buffers: Sequence[SharedFd] = ()) -> None:
         """Queue `data` for `client`, written at the end of this turn; a streaming BLOB is dropped
-        past `blob_drop_bytes` of backlog, and the client itself past `max_queue_bytes`."""
+        past `blob_drop_bytes` of backlog (shared buffers queued for it count), and the client
+        itself past `max_queue_bytes`. `buffers` go with `data` to a local-socket client."""
         if client.write_dead:
             return
         out = client.out
@@ -486,7 +489,7 @@ class Connections:
                             client.peer, queued, client.blobs_dropped)
             return
         was_empty = not out
-        out.push(data)
+        out.push(Attached(bytes(data), buffers) if buffers else data)
         if was_empty and not client.dirty:
             # One writev per client per turn of the loop, however many messages it got.
             client.dirty = True
@@ -537,6 +540,8 @@ class Connections:
             log.log(level, "client %s dropped: %s", client.peer, why)
         self.reactor.forget(client.fd)
         self.clients.pop(client.fd, None)
+        if client.out is not None:
+            client.out.clear()  # gives up the shared buffers it held
         client.out = None
         client.decoder = None
         if client.partial:
