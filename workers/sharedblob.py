@@ -140,7 +140,8 @@ class SharedBlob:
         beside it, in the same order)."""
         root = etree.fromstring(etree.tostring(self.root))
         for one in root:
-            one.attrib.pop(SHARED_ATTR, "")
+            if one.attrib.pop(SHARED_ATTR, ""):
+                one.text = None
         return etree.tostring(root) + b"\n"
 
 
