@@ -352,7 +352,8 @@ class IndiServer:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> IndiServer:
-        self.proc = subprocess.Popen(["indiserver", "-p", str(self.port), *self.extra, *self.drivers],
+        extra = self.extra if "-u" in self.extra else ("-u", f"/tmp/indiserver-test-{self.port}", *self.extra)
+        self.proc = subprocess.Popen(["indiserver", "-p", str(self.port), *extra, *self.drivers],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         wait_until(lambda: port_open(self.port), 15, what="indiserver to listen")

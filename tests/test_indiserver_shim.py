@@ -19,6 +19,8 @@ def start_shim(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     log = open(tmp_path / "shim.log", "wb")
+    if "-u" not in args:  # indiserver's default local socket is one per machine
+        args = ("-u", f"/tmp/ib-shim-test-{port}", *args)
     proc = subprocess.Popen([sys.executable, "-m", "indibroker.shims.indiserver", "-p", str(port), *args],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(tmp_path)})
@@ -113,7 +115,7 @@ def test_the_port_listens_before_any_driver_starts_and_the_first_client_sees_eac
     mark = tmp_path / "driver-started"
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "indibroker.shims.indiserver", "-p", str(port),
-                             os.path.join(os.path.dirname(__file__), "drivers", "started_marker.py")],
+                             "-u", f"/tmp/ib-shim-test-{port}", os.path.join(os.path.dirname(__file__), "drivers", "started_marker.py")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path), "MARK_FILE": str(mark)})
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -190,7 +191,7 @@ class Admission:
     def _watch_listeners(self) -> None:
         for listener in self.listeners:
             listener.setblocking(False)
-            self.reactor.add_reader(listener.fileno(), lambda _fd, sock=listener: self._accept(sock))
+            self.reactor.add_reader(listener.fileno(), functools.partial(self._accept_on, listener))
 
     def close(self) -> None:
         for listener in self.listeners:
@@ -199,6 +200,9 @@ class Admission:
         if self._reserve >= 0:
             os.close(self._reserve)
             self._reserve = -1
+
+    def _accept_on(self, listener: socket.socket, _fd: int) -> None:
+        self._accept(listener)
 
     def _accept(self, listener: socket.socket) -> None:
         ceiling = fd_ceiling()
