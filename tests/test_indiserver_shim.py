@@ -115,7 +115,8 @@ def test_the_port_listens_before_any_driver_starts_and_the_first_client_sees_eac
     mark = tmp_path / "driver-started"
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "indibroker.shims.indiserver", "-p", str(port),
-                             "-u", f"/tmp/ib-shim-test-{port}", os.path.join(os.path.dirname(__file__), "drivers", "started_marker.py")],
+                             "-u", f"/tmp/ib-shim-test-{port}",
+                             os.path.join(os.path.dirname(__file__), "drivers", "started_marker.py")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path), "MARK_FILE": str(mark)})
     try:
