@@ -81,6 +81,7 @@ class Driver:
         self.restart_timer: Timer | None = None
         self.unfinished_timer: Timer | None = None  # armed while an element is half-read
         self.malformed = 0
+        self.operator_restarts = 0  # restarts asked for (not crashes: those are the lifecycle's)
 
     @property
     def name(self) -> str:
@@ -104,6 +105,7 @@ class Driver:
             "pid": self.process.pid,
             "state": lc.state.value,
             "restarts": lc.restarts,
+            "operator_restarts": self.operator_restarts,
             "started": self.process.started_wall,
             "last_exit": lc.last_exit,
             "devices": sorted(self.devices),
@@ -198,6 +200,7 @@ class ExDriverWorker(Worker):
         elif action == "stop":
             self._operator_stop(driver)
         elif action == "restart":
+            driver.operator_restarts += 1
             self._operator_stop(driver, then_start=True)
         else:
             log.warning("unknown driver action %r", action)
