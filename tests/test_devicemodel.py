@@ -155,7 +155,7 @@ def test_figures_that_change_all_the_time_come_from_the_last_full_poll() -> None
              {"role": "driver", "name": "b", "pid": 2, "uptime": 1.0}]
     merged = merge_usage(cheap, full)
     assert merged[0]["uptime"] == 10.0 and merged[0]["cpu_percent"] == 3.0 and merged[0]["state"] == "RUNNING"
-    assert merged[1]["uptime"] is None  # a process the last full poll did not see: no figures yet
+    assert merged[1] == cheap[1]  # a process the last full poll did not see: its own figures
 
 
 def test_a_hold_shows_busy_with_what_was_asked_until_the_state_shows_it() -> None:

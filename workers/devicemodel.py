@@ -102,8 +102,9 @@ def merge_usage(rows: list[dict[str, Any]], full: list[dict[str, Any]]) -> list[
     last = {(r.get("role"), r.get("name"), r.get("pid")): r for r in full}
     merged = []
     for row in rows:
-        source = last.get((row.get("role"), row.get("name"), row.get("pid")), {})
-        merged.append({**row, **{k: source.get(k) for k in VOLATILE}})
+        source = last.get((row.get("role"), row.get("name"), row.get("pid")))
+        # A process started since: its own figures until the next full poll (uptime only).
+        merged.append(row if source is None else {**row, **{k: source.get(k) for k in VOLATILE}})
     return merged
 
 
