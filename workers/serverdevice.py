@@ -13,8 +13,9 @@ new*Vector before it gets here.
 
 What it costs: nothing while no client has asked for the device. Once a client has (a
 getProperties for everything or for this device, or a new*Vector to it), the arbiter is polled
-every POLL seconds without CPU and memory figures, and with them every USAGE_EVERY seconds; once
-the gateways report no client left, polling stops.
+every POLL seconds without CPU and memory figures, and with them every USAGE_EVERY seconds (the
+first FIRST_USAGE seconds after a client began to watch); once the gateways report no client
+left, polling stops.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 POLL = 0.5  # seconds between polls while a client watches: changes of state reach it this fast
 USAGE_EVERY = 5.0  # seconds between polls with CPU and memory figures (psutil, in the arbiter)
-WATCH_GRACE = 3.0  # a client that just asked may not be counted by its gateway yet
+WATCH_GRACE = 1.0  # a client that just asked may not be counted by its gateway yet (0.2 s)
+FIRST_USAGE = 2.0  # CPU and memory once a client has watched this long: one that asks once and
+# leaves (indi_getprop, a script) makes the arbiter load no psutil
 HOLD = 10.0  # seconds a pressed switch shows Busy at most, waiting for the state it asked for
 ALERT = 5.0  # seconds a refused request shows Alert
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, as the driver workers wait
@@ -98,7 +101,7 @@ class ServerDevice(Worker):
         self.reactor.call_later(REDEFINE_DELAY, lambda: self._send(devicemodel.defs(self.device, self.shown)))
 
     def status(self) -> dict[str, Any]:
-        return {"device": self.device, "watched": self.watched_at is not None}
+        return {"device": self.device, "watched": self.watched_at is not None, "polls": self.polls}
 
     def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if verb == wire.GETP and device in ("", self.device):
@@ -117,6 +120,7 @@ class ServerDevice(Worker):
         first = self.watched_at is None
         self.watched_at = time.monotonic()
         if first:
+            self.last_full = max(self.last_full, self.watched_at - USAGE_EVERY + FIRST_USAGE)
             self.status_changed()
             self._poll()
 
