@@ -16,6 +16,7 @@ def preload() -> None:
     import indibroker.workers.exdriver  # noqa: F401
     import indibroker.workers.gateway  # noqa: F401
     import indibroker.workers.remote  # noqa: F401
+    import indibroker.workers.serverdevice  # noqa: F401
 
 
 def run_role(kind: str, settings: WorkerSettings, inheritance: Inheritance) -> int:

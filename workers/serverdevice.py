@@ -25,6 +25,7 @@ import shlex
 import time
 from typing import Any
 
+from indibroker import __version__
 from indibroker.broker import wire
 from indibroker.broker.control import ControlCall, driver_request
 from indibroker.broker.ratelog import RateLimitedLog
@@ -49,15 +50,6 @@ ALERT = 5.0  # seconds a refused request shows Alert
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, as the driver workers wait
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("indibroker")
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
 class ServerDevice(Worker):
     role = "serverdevice"
     backbone_role = "driver"
@@ -68,7 +60,7 @@ class ServerDevice(Worker):
         super().__init__(settings, inheritance, **kw)
         self.device = settings.device
         self.address = f"{settings.host or '*'}:{settings.port}"
-        self.version = ""  # read at set-up, in the worker: the arbiter need not import metadata
+        self.version = __version__  # not importlib.metadata: 2 MB of imports for one string
         self.names = Names()
         self.base: Snapshot = {}  # the server's state as last polled
         self.shown: Snapshot = {}  # what clients were sent: `base` with the holds laid over it
@@ -87,7 +79,6 @@ class ServerDevice(Worker):
 
     # -- worker hooks -----------------------------------------------------------------------
     def setup(self) -> None:
-        self.version = _version()
         self._poll()  # one snapshot, to answer the first getProperties from
 
     def shutdown(self) -> None:
