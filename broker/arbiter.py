@@ -127,13 +127,13 @@ class Arbiter:
             self.children.append(Child("gateway", settings))
         for remote in cfg.remotes:
             self.children.append(Child("remote", remote.settings(cfg)))
-        if cfg.server_device:  # the supervision as an INDI device (workers/serverdevice.py)
-            self.children.append(Child("serverdevice", cfg.server_device_settings()))
         groups = max(1, min(cfg.exdriver_workers, len(drivers)))
         for i in range(groups if drivers else 0):
             self._new_exdriver_worker(i)
         for n, driver in enumerate(drivers):
             self._exdriver_workers()[n % groups].drivers.append(driver.settings(cfg))
+        if cfg.server_device:  # the supervision as an INDI device (workers/serverdevice.py)
+            self.children.append(Child("serverdevice", cfg.server_device_settings()))
 
     def _exdriver_workers(self) -> list[Child]:
         return [c for c in self.children if c.role == "exdriver"]
