@@ -382,7 +382,8 @@ def test_status_command_merges_status_files(make_arbiter: ArbiterMaker, runtime:
     reply = arbiter._command({"cmd": "status"})
     assert reply["ok"] is True
     rows = {r["name"]: r for r in reply["status"]}
-    assert [r["role"] for r in reply["status"]] == ["arbiter", "broker", "gateway", "exdriver", "driver", "serverdevice"]
+    assert [r["role"] for r in reply["status"]] == ["arbiter", "broker", "gateway", "exdriver", "driver",
+                                                    "serverdevice"]
     assert rows["arbiter"]["pid"] == os.getpid()
     assert rows["gateway-0"]["clients"] == 3 and rows["gateway-0"]["state"] == "RUNNING"
     assert rows["demo"]["worker"] == "exdriver-0" and rows["demo"]["devices"] == ["LED"]

@@ -120,6 +120,7 @@ def test_a_refused_command_shows_alert_and_says_why(device) -> None:
     assert sent(backbone, wire.SET, "RESTART")[-1].get("state") == "Alert"
     assert arbiter.commands == [{"cmd": "driver", "action": "restart", "name": "indi_simulator_ccd"}]
     # A property that is not writable, or unknown, changes nothing.
-    worker.on_backbone(wire.NEW, DEV, "SERVER_INFO", b"", new_vector("Text", DEV, "SERVER_INFO", {"VERSION": "x"}).encode())
+    worker.on_backbone(wire.NEW, DEV, "SERVER_INFO", b"",
+                       new_vector("Text", DEV, "SERVER_INFO", {"VERSION": "x"}).encode())
     worker.on_backbone(wire.NEW, DEV, "NOPE", b"", b"<newTextVector device='indibroker' name='NOPE'/>")
     assert len(arbiter.commands) == 1
