@@ -97,7 +97,7 @@ class RemoteConfig:
     def settings(self, config: Config) -> RemoteSettings:
         return RemoteSettings(name=self.name, liveness=config.worker_liveness, host=self.host, port=self.port,
                               device=self.device, blob_enable=self.blob_enable, snoop_up=self.snoop_up,
-                              max_element=int(config.driver_max_element_mb * MB))
+                              max_element=int(config.driver_max_element_mb * MB), own_device=config.server_device)
 
 
 @dataclass

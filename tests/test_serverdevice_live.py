@@ -271,3 +271,13 @@ def _watched(b: Broker) -> bool:
 
 def _polls(b: Broker) -> int:
     return int(_status_file(b).get("polls", -1))
+
+
+def test_a_chained_indibrokers_device_of_the_same_name_is_not_relayed(run):
+    upstream = run("--exdriver", SCOPE_DRV)
+    b = run("--remote", f"127.0.0.1:{upstream.port}")
+    seen = wait_until(lambda: (p := props(b.port)).get(f"{DEV}.DRIVER_STATES.remote_0") == "Ok" and p, 20,
+                      what="the bridge connected, on our device")
+    assert seen[f"{DEV}.SERVER_INFO.ADDRESS"].endswith(f":{b.port}")  # ours, not the upstream's
+    assert f"{DEV}.DRIVERS.{SCOPE_DRV}" not in seen  # the upstream's drivers are its own device's
+    assert wait_until(lambda: getprop(b.port, f"{SCOPE}.CONNECTION.*", timeout=2), 20)  # its devices are

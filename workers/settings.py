@@ -92,6 +92,7 @@ class RemoteSettings(WorkerSettings):
     blob_enable: bool  # ask the remote for BLOBs (enableBLOB Also)
     snoop_up: bool  # relay our devices' traffic up, for the remote's snooping drivers
     max_element: int
+    own_device: str = ""  # our server device's name: a chained indibroker's of that name is not relayed
 
 
 @dataclass(frozen=True)
