@@ -281,3 +281,30 @@ def test_a_chained_indibrokers_device_of_the_same_name_is_not_relayed(run):
     assert seen[f"{DEV}.SERVER_INFO.ADDRESS"].endswith(f":{b.port}")  # ours, not the upstream's
     assert f"{DEV}.DRIVERS.{SCOPE_DRV}" not in seen  # the upstream's drivers are its own device's
     assert wait_until(lambda: getprop(b.port, f"{SCOPE}.CONNECTION.*", timeout=2), 20)  # its devices are
+
+
+def test_start_driver_and_log_level_from_the_device(run):
+    b = run("--exdriver", SCOPE_DRV)
+    c = watcher(b.port)
+    try:
+        mark = len(c.elements)
+        setprop(b.port, f"{DEV}.START_DRIVER.DRIVER=indi_simulator_focus")
+        c.wait_for(is_("defTextVector", DEV, "DRIVER_indi_simulator_focus"), 15, start=mark,
+                   what="the new driver's properties defined")
+        c.wait_for(is_("defSwitchVector", "Focuser Simulator"), 20, start=mark, what="its device")
+        light(c, "indi_simulator_focus", "Ok", mark)
+        assert row(b, "indi_simulator_focus")["state"] == "RUNNING"
+
+        assert "DEBUG indibroker.traffic" not in b.log()
+        setprop(b.port, f"{DEV}.LOG_LEVEL.DEBUG=On")
+        wait_until(lambda: b.status()[0]["log_level"] == "DEBUG", 10, what="the arbiter at DEBUG")
+        # Every process takes it at once, the gateway's per-message traffic lines too.
+        def gateway_traffic() -> bool:
+            c.send('<getProperties version="1.7" device="nothing"/>')
+            return any("gateway-0[" in line and "DEBUG indibroker.traffic" in line for line in b.log().splitlines())
+
+        wait_until(gateway_traffic, 10, what="the gateway logging traffic at DEBUG")
+        assert b.cli("loglevel", "info").returncode == 0
+        assert b.status()[0]["log_level"] == "INFO"
+    finally:
+        c.close()
