@@ -3,6 +3,7 @@ fake arbiter, the backbone faked (tests/fakes.py), the reactor turned by the tes
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,13 @@ class FakeArbiter:
         self.drivers = {"indi_simulator_ccd": "RUNNING"}
         self.commands: list[dict[str, Any]] = []
         self.refuse = False
+        self.clients = 1
 
     def __call__(self, request: dict[str, Any]) -> dict[str, Any]:
         if request["cmd"] == "status":
             return {"ok": True, "status": [
                 {"role": "arbiter", "name": "arbiter", "pid": 1, "state": "RUNNING", "log_level": self.level},
-                {"role": "gateway", "name": "gateway-0", "pid": 2, "state": "RUNNING", "clients": 1},
+                {"role": "gateway", "name": "gateway-0", "pid": 2, "state": "RUNNING", "clients": self.clients},
                 *({"role": "driver", "name": n, "pid": 3, "state": s, "restarts": 0, "devices": []}
                   for n, s in self.drivers.items())]}
         self.commands.append(request)
@@ -124,3 +126,19 @@ def test_a_refused_command_shows_alert_and_says_why(device) -> None:
                        new_vector("Text", DEV, "SERVER_INFO", {"VERSION": "x"}).encode())
     worker.on_backbone(wire.NEW, DEV, "NOPE", b"", b"<newTextVector device='indibroker' name='NOPE'/>")
     assert len(arbiter.commands) == 1
+
+
+def test_polling_stops_when_no_client_is_left_and_starts_again_when_one_asks(device) -> None:
+    worker, arbiter, backbone = device
+    worker.on_backbone(wire.GETP, "", "", b"", b"")
+    turn_until(worker.reactor, lambda: worker.polls >= 3, what="polls while watched")
+    arbiter.clients = 0  # past the grace for the gateways' count, the next poll stops it
+    turn_until(worker.reactor, lambda: not worker.status()["watched"], 5, what="polling to stop")
+    polls = worker.polls
+    deadline = time.monotonic() + 1.5  # three poll intervals: none may come
+    while time.monotonic() < deadline:
+        worker.reactor.turn(max_wait=0.1)
+    assert worker.polls == polls
+    arbiter.clients = 1
+    worker.on_backbone(wire.GETP, DEV, "DRIVERS", b"", b"")
+    turn_until(worker.reactor, lambda: worker.polls > polls + 1, what="polling again for a new client")

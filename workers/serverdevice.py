@@ -92,7 +92,7 @@ class ServerDevice(Worker):
         self.reactor.call_later(REDEFINE_DELAY, lambda: self._send(devicemodel.defs(self.device, self.shown)))
 
     def status(self) -> dict[str, Any]:
-        return {"device": self.device, "watched": self.watched_at is not None, "polls": self.polls}
+        return {"device": self.device, "watched": self.watched_at is not None}
 
     def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if verb == wire.GETP and device in ("", self.device):
