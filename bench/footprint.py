@@ -5,7 +5,7 @@ For each size: every indibroker process (role, PSS), the total, the increment pe
 the first size, idle CPU of the whole tree (drivers excluded) over 10 s, and the time from
 `indibroker start` until every device is served to a client.
 
-    python3 bench/footprint.py [--sizes 1 12 24] [--gateways 2] [--idle 10]
+    python3 bench/footprint.py [--sizes 1 12 24] [--gateways 2] [--idle 10] [--no-server-device]
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ def served_devices(port: int, want: set[str], deadline: float) -> set[str]:
     return seen
 
 
-def measure(n: int, gateways: int, idle: float) -> dict:
+def measure(n: int, gateways: int, idle: float, extra: list[str]) -> dict:
     port = free_port()
     home = tempfile.mkdtemp(prefix="ib-footprint-home-")
     commands, devices = drivers_for(n)
-    args = [sys.executable, "-m", "indibroker", "start", "--port", str(port), "--gateways", str(gateways)]
+    args = [sys.executable, "-m", "indibroker", "start", "--port", str(port), "--gateways", str(gateways), *extra]
     for command in commands:
         args += ["--exdriver", command]
     t0 = time.monotonic()
@@ -118,11 +118,14 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 12, 24])
     parser.add_argument("--gateways", type=int, default=2)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
+    parser.add_argument("--no-server-device", action="store_true",
+                        help="without the server device (to measure what it costs)")
     args = parser.parse_args()
     if shutil.which("indi_simulator_ccd") is None:
         sys.stderr.write("needs indi-bin (apt-get install indi-bin)\n")
         return 2
-    results = [measure(n, args.gateways, args.idle) for n in args.sizes]
+    extra = ["--no-server-device"] if args.no_server_device else []
+    results = [measure(n, args.gateways, args.idle, extra) for n in args.sizes]
     mb = 1024 * 1024
     for r in results:
         print(f"\n== {r['n']} driver(s), {args.gateways} gateways ==")

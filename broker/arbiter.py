@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from indibroker.broker.config import Config, DriverConfig, driver_name
+from indibroker.broker.config import LOG_LEVELS, Config, DriverConfig, driver_name
 from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
 from indibroker.broker.oscalls import (
@@ -60,7 +60,7 @@ WORKER_POLICY = RestartPolicy(max_restarts=1000, backoff_initial=0.2, backoff_ma
 class Child:
     """One supervised worker process (or the broker)."""
 
-    role: str  # broker, gateway, exdriver, remote
+    role: str  # broker, gateway, exdriver, remote, serverdevice
     settings: WorkerSettings
     drivers: list[DriverSettings] = field(default_factory=list)  # an exdriver worker's, as they stand
     inheritance: Inheritance = field(default_factory=Inheritance)  # told to its next start
@@ -136,6 +136,8 @@ class Arbiter:
             self._new_exdriver_worker(i)
         for n, driver in enumerate(drivers):
             self._exdriver_workers()[n % groups].drivers.append(driver.settings(cfg))
+        if cfg.server_device:  # the supervision as an INDI device (workers/serverdevice.py)
+            self.children.append(Child("serverdevice", cfg.server_device_settings()))
 
     def _exdriver_workers(self) -> list[Child]:
         return [c for c in self.children if c.role == "exdriver"]
@@ -271,7 +273,7 @@ class Arbiter:
     def stop_all(self) -> None:
         """Gateways first (no new work), then drivers, the broker last; SIGTERM, wait, SIGKILL."""
         self._stopping = True
-        for roles in (("gateway",), ("exdriver", "remote"), ("broker",)):
+        for roles in (("gateway", "serverdevice"), ("exdriver", "remote"), ("broker",)):
             self._stop_group({c.proc: c for c in self.children if c.role in roles and c.proc is not None})
 
     def _stop_group(self, group: dict[ForkedProcess, Child]) -> None:
@@ -287,8 +289,10 @@ class Arbiter:
     # -- control commands -------------------------------------------------------------------
     def _command(self, request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.get("cmd")
-        if cmd == "status":
-            return {"ok": True, "status": self.status()}
+        if cmd == "status":  # "usage": false skips the CPU and memory figures (a cheap poll)
+            return {"ok": True, "status": self.status(usage=request.get("usage", True) is not False)}
+        if cmd == "loglevel":
+            return self._set_log_level(str(request.get("level", "")))
         if cmd == "stop":
             self._stop("stop command")  # the loop ends after this turn: the reply goes out first
             return {"ok": True}
@@ -336,20 +340,39 @@ class Arbiter:
         worker.tell({"cmd": "driver", "action": action, "name": driver.name})
         return {"ok": True, "name": driver.name}
 
-    def status(self) -> list[dict[str, Any]]:
+    def _set_log_level(self, level: str) -> dict[str, Any]:
+        """The arbiter's level, and every child's (told over its lifeline); children started
+        later inherit it."""
+        level = level.upper()
+        if level not in LOG_LEVELS:
+            return {"ok": False, "error": f"log level {level!r}: expected one of {', '.join(LOG_LEVELS)}"}
+        self.config.log_level = level
+        logging.getLogger().setLevel(logging.getLevelName(level))
+        for child in self.children:
+            child.tell({"cmd": "loglevel", "level": level})
+        log.info("log level now %s", level)
+        return {"ok": True, "level": level}
+
+    def status(self, usage: bool = True) -> list[dict[str, Any]]:
+        """One row per process. Without `usage`, no CPU and memory figures: psutil reads /proc
+        for each process, too much for a poll every half second (workers/serverdevice.py)."""
         files = self.runtime.read_status()
         rows: list[dict[str, Any]] = [{
             "role": "arbiter", "name": "arbiter", "pid": os.getpid(), "state": "RUNNING", "restarts": 0,
-            "uptime": round(time.time() - self.started_wall, 1), **self._usage(os.getpid()), "last_exit": "",
+            "uptime": round(time.time() - self.started_wall, 1), **self._usage(os.getpid(), usage),
+            "last_exit": "", "log_level": self.config.log_level,
         }]
         for child in self.children:
             info = files.get(child.name, {})
             row = self._row(child.name, child.role, child.proc.pid if child.proc else None,
-                            child.lifecycle, child.started_wall)
+                            child.lifecycle, child.started_wall, usage)
             if child.role == "gateway":
                 row["clients"] = info.get("clients", 0)
+            if child.role == "gateway" and "connections" in info:
+                row["connections"] = info["connections"]
             if child.role == "broker":
                 row["devices"] = info.get("devices", [])
+                row.update({k: info[k] for k in ("messages", "bytes") if k in info})
             if child.role == "remote":  # where it points, and the link's state since when
                 row.update({k: info[k] for k in ("remote", "link", "link_since", "last_error", "devices")
                             if k in info})
@@ -358,22 +381,26 @@ class Arbiter:
                 rows.append({
                     "role": "driver", "name": driver["name"], "pid": driver.get("pid"),
                     "state": driver.get("state"), "restarts": driver.get("restarts", 0),
+                    "operator_restarts": driver.get("operator_restarts", 0),
                     "uptime": self._uptime(driver.get("started"), driver.get("pid")),
-                    **self._usage(driver.get("pid")), "devices": driver.get("devices", []),
+                    **self._usage(driver.get("pid"), usage), "devices": driver.get("devices", []),
                     "worker": child.name, "last_exit": driver.get("last_exit", ""),
                 })
         return rows
 
-    def _row(self, name: str, role: str, pid: int | None, lc: Lifecycle, started: float | None) -> dict:
+    def _row(self, name: str, role: str, pid: int | None, lc: Lifecycle, started: float | None,
+             usage: bool) -> dict:
         return {"role": role, "name": name, "pid": pid, "state": lc.state.value,
-                "restarts": lc.restarts, "uptime": self._uptime(started, pid), **self._usage(pid),
+                "restarts": lc.restarts, "uptime": self._uptime(started, pid), **self._usage(pid, usage),
                 "last_exit": lc.last_exit}
 
     @staticmethod
     def _uptime(started: float | None, pid: int | None) -> float | None:
         return round(time.time() - started, 1) if started and pid else None
 
-    def _usage(self, pid: int | None) -> dict[str, Any]:
+    def _usage(self, pid: int | None, usage: bool = True) -> dict[str, Any]:
+        if not usage:
+            return {}
         if not pid:
             return {"cpu_percent": None, "rss": None}
         import psutil  # only `status` needs it: keep it out of the arbiter's idle footprint

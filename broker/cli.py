@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from indibroker.broker.config import Config, DriverConfig, RemoteConfig, load_toml
-from indibroker.broker.control import request
+from indibroker.broker.config import LOG_LEVELS, Config, DriverConfig, RemoteConfig, load_toml
+from indibroker.broker.control import driver_request, request
 from indibroker.broker.errors import ConfigError, ControlError, IndibrokerError
 from indibroker.broker.listening import listen, listen_local
 from indibroker.broker.runtime import RuntimeDir, configure_logging
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-dir", dest="log_dir", help="directory for per-driver log files")
     start.add_argument("--runtime-dir", dest="runtime_dir", help="base directory for runtime state")
     start.add_argument("--no-demo", action="store_true", help="do not serve the demo driver when idle")
+    start.add_argument("--server-device", dest="server_device", metavar="NAME",
+                       help="name of the INDI device showing and operating the server (indibroker)")
+    start.add_argument("--no-server-device", action="store_const", const="", dest="server_device",
+                       help="serve no such device")
     start.add_argument("-v", "--verbose", action="count", default=0,
                        help="-v events (the default), -vv a line per message with its connection and "
                             "direction, -vvv each message's XML")
@@ -78,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         _instance_args(cmd)
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
+
+    level = sub.add_parser("loglevel", help="set the log level of a running instance, every process")
+    level.add_argument("level", type=str.upper, choices=LOG_LEVELS)
+    _instance_args(level)
 
     driver = sub.add_parser("driver", help="start, stop or restart a driver at run time")
     driver.add_argument("action", choices=["start", "stop", "restart"])
@@ -104,7 +112,8 @@ def _version() -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     config = load_toml(args.config) if args.config else Config()
     for key in ("host", "port", "gateways", "maxconnections", "blob_drop_mb", "client_max_mb",
-                "fifo", "log_dir", "runtime_dir", "max_connections_per_address", "local_socket"):
+                "fifo", "log_dir", "runtime_dir", "max_connections_per_address", "local_socket",
+                "server_device"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
@@ -263,18 +272,22 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_driver(args: argparse.Namespace) -> int:
-    payload: dict[str, Any] = {"cmd": "driver", "action": args.action, "name": args.name}
-    if args.action == "start":
-        payload["argv"] = [args.name, *args.args]
-    reply = request(_running(args).control_path, payload)
+    argv = [args.name, *args.args] if args.action == "start" else None
+    reply = request(_running(args).control_path, driver_request(args.action, args.name, argv))
     sys.stdout.write(f"{args.action} {reply.get('name', args.name)}: ok\n")
+    return 0
+
+
+def cmd_loglevel(args: argparse.Namespace) -> int:
+    reply = request(_running(args).control_path, {"cmd": "loglevel", "level": args.level})
+    sys.stdout.write(f"log level {reply['level']}: ok\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"start": cmd_start, "check-config": cmd_check_config, "status": cmd_status, "stop": cmd_stop,
-                "driver": cmd_driver}
+                "driver": cmd_driver, "loglevel": cmd_loglevel}
     try:
         return commands[args.command](args)
     except IndibrokerError as exc:

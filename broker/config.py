@@ -27,6 +27,7 @@ from indibroker.workers.settings import (
     ExDriverSettings,
     GatewaySettings,
     RemoteSettings,
+    ServerDeviceSettings,
 )
 
 __all__ = ["Config", "DriverConfig", "RemoteConfig", "load_toml", "default_gateways", "driver_name"]
@@ -96,7 +97,7 @@ class RemoteConfig:
     def settings(self, config: Config) -> RemoteSettings:
         return RemoteSettings(name=self.name, liveness=config.worker_liveness, host=self.host, port=self.port,
                               device=self.device, blob_enable=self.blob_enable, snoop_up=self.snoop_up,
-                              max_element=int(config.driver_max_element_mb * MB))
+                              max_element=int(config.driver_max_element_mb * MB), own_device=config.server_device)
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Config:
     # is left (without -f), and its stderr lines about drivers that tools parse (KStars).
     exit_when_no_drivers: bool = False
     indiserver_messages: bool = False
+    # The supervision served as an INDI device of this name ("": none; workers/serverdevice.py).
+    server_device: str = "indibroker"
     runtime_dir: str | None = None
     # Where each key's value came from (a file or a flag), to name it in a problem.
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -170,6 +173,10 @@ class Config:
                                 log_dir=self.log_dir, exit_when_no_drivers=self.exit_when_no_drivers,
                                 indiserver_messages=self.indiserver_messages)
 
+    def server_device_settings(self) -> ServerDeviceSettings:
+        return ServerDeviceSettings(name="serverdevice", liveness=self.worker_liveness, device=self.server_device,
+                                    host=self.host, port=self.port)
+
     def validate(self, check_executables: bool = True) -> None:
         """Check every value; raise ConfigError with one line per problem, each naming where
         the value came from (file and key, or flag) and what was expected. A driver executable
@@ -198,6 +205,10 @@ class Config:
             bad("maxconnections", "expected 0 (unlimited) or more")
         if len(self.local_socket.encode()) > 100:  # sun_path holds 108 bytes, the abstract NUL one
             bad("local_socket", "expected a path of at most 100 bytes")
+        if len(self.server_device) > 64 or not self.server_device.isprintable() or \
+                self.server_device != self.server_device.strip():
+            bad("server_device", "expected a device name (printable, at most 64 characters, no "
+                                 "spaces around it), or \"\" for none")
         if self.max_connections_per_address < 0:
             bad("max_connections_per_address", "expected 0 (unlimited) or more")
         try:

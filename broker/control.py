@@ -24,7 +24,7 @@ from indibroker.workers.linebuffer import LineBuffer
 if TYPE_CHECKING:  # the `indibroker status/stop/driver` commands import this module: no pyzmq for them
     from indibroker.workers.reactor import Reactor, Timer
 
-__all__ = ["ControlServer", "request"]
+__all__ = ["ControlServer", "ControlCall", "request", "driver_request"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ ACCEPTS_PER_TURN = 16
 ACCEPT_RETRY = 1.0  # seconds without accepting after accept() failed (out of descriptors)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+ReplyHandler = Callable[[dict[str, Any]], None]  # the reply, or {"ok": False, "error": ...}
 
 
 class _Connection:
@@ -165,13 +166,43 @@ class ControlServer:
         self.path.unlink(missing_ok=True)
 
 
+def driver_request(action: str, name: str, argv: list[str] | None = None,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The `driver` command (start, stop, restart; start with `argv` for a driver not yet known),
+    as `indibroker driver` and the server device send it; the arbiter's `_driver_command`
+    serves it, and the FIFO's lines too."""
+    payload: dict[str, Any] = {"cmd": "driver", "action": action, "name": name}
+    if argv:
+        payload["argv"] = list(argv)
+    if env:
+        payload["env"] = dict(env)
+    return payload
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload).encode() + b"\n"
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    """The reply of one request; ControlError if it is not one or says the command failed."""
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise ControlError("indibroker sent no valid reply") from None
+    if not isinstance(reply, dict):
+        raise ControlError("indibroker sent no valid reply")
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "command failed"))
+    return dict(reply)
+
+
 def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """Send one command to a running instance and return its reply."""
+    """Send one command to a running instance and return its reply (blocking: the commands)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps(payload).encode() + b"\n")
+            sock.sendall(_encode(payload))
             data = b""
             while b"\n" not in data:
                 chunk = sock.recv(65536)
@@ -180,10 +211,65 @@ def request(path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[
                 data += chunk
     except OSError as exc:
         raise ControlError(f"cannot reach indibroker at {path}: {exc.strerror or exc}") from None
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        raise ControlError("indibroker sent no valid reply") from None
-    if not reply.get("ok"):
-        raise ControlError(reply.get("error", "command failed"))
-    return dict(reply)
+    return _decode(data)
+
+
+class ControlCall:
+    """One command sent from a worker's event loop, never blocking it: the arbiter serves the
+    control socket on its own single-threaded loop and may at that moment be writing to this
+    worker's lifeline, so a blocking request could deadlock the two. `on_reply` gets the reply,
+    or ``{"ok": False, "error": ...}`` (unreachable, no valid reply within `timeout`)."""
+
+    def __init__(self, reactor: Reactor, path: Path, payload: dict[str, Any], on_reply: ReplyHandler,
+                 timeout: float = TIMEOUT):
+        self.reactor = reactor
+        self.on_reply = on_reply
+        self.out = memoryview(_encode(payload))
+        self.data = bytearray()
+        self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.timer = reactor.call_later(timeout, lambda: self._done(error="no reply in time"))
+        try:
+            self.sock.connect(str(path))  # a Unix socket connects at once, or not at all
+        except OSError as exc:
+            error = f"cannot reach indibroker: {exc.strerror or exc}"
+            reactor.defer(lambda: self._done(error=error))
+            return
+        reactor.set_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self, fd: int) -> None:
+        assert self.sock is not None
+        try:
+            self.out = self.out[self.sock.send(self.out):]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._done(error=str(exc))
+            return
+        if not self.out:
+            self.reactor.set_writer(fd, None)
+            self.reactor.add_reader(fd, self._readable)
+
+    def _readable(self, fd: int) -> None:
+        assert self.sock is not None
+        try:
+            chunk = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        self.data += chunk
+        if b"\n" in chunk or not chunk:
+            try:
+                self._done(reply=_decode(bytes(self.data)))
+            except ControlError as exc:
+                self._done(error=str(exc))
+
+    def _done(self, reply: dict[str, Any] | None = None, error: str = "") -> None:
+        if self.sock is None:
+            return  # already answered (the timer and the socket may both fire)
+        self.timer.cancel()
+        self.reactor.forget(self.sock.fileno())
+        self.sock.close()
+        self.sock = None
+        self.on_reply(reply if reply is not None else {"ok": False, "error": error})

@@ -8,6 +8,7 @@ event loop (`workers/reactor.Reactor`) and keeps its status file as they do (`ru
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -22,8 +23,10 @@ from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.routing import RoutingTable
 from indibroker.broker.runtime import RuntimeDir, StatusFile, configure_logging, lifeline_fd
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
+from indibroker.workers.linebuffer import LineBuffer
 from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import WorkerSettings
+from indibroker.workers.traffic import set_log_level
 
 __all__ = ["Broker", "main"]
 
@@ -55,7 +58,8 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, HWM)
         self.sock.setsockopt(zmq.RCVHWM, HWM)
         self.sock.bind(endpoint)
-        self.routed = 0
+        self.routed = 0  # messages sent on (heartbeats too), and their bytes: status only
+        self.routed_bytes = 0
         self.dropped = 0
         self.echoes = 0  # a device arriving over a second path (a cycle of servers), dropped
         self._dropped_logged = 0.0
@@ -302,6 +306,7 @@ class Broker:
                 try:
                     send_frames(self.sock, [ident, b"\n".join(records), body])
                     self.routed += len(records)
+                    self.routed_bytes += len(body)
                 except zmq.Again:
                     self._drop(ident, "queue full", len(records))
                 except zmq.ZMQError as exc:
@@ -341,6 +346,10 @@ class Broker:
             "devices": sorted(self.table.owners),
             "dropped": self.dropped,
             "echoes": self.echoes,
+            # Counters change with every message: the file carries them as of its last write
+            # (at the latest its refresh, every `liveness / 3` s), never a write per message.
+            "messages": self.routed,
+            "bytes": self.routed_bytes,
         }
 
 
@@ -358,7 +367,8 @@ def main(settings: WorkerSettings) -> int:
     lifeline = lifeline_fd()
     if lifeline is not None:
         os.set_blocking(lifeline, False)
-        reactor.add_reader(lifeline, lambda fd: _on_lifeline(fd, reactor))
+        lines = LineBuffer()
+        reactor.add_reader(lifeline, lambda fd: _on_lifeline(fd, reactor, lines))
     status.start()
     log.info("broker routing on %s", runtime.broker_endpoint)
     try:
@@ -372,12 +382,21 @@ def main(settings: WorkerSettings) -> int:
     return 0
 
 
-def _on_lifeline(fd: int, reactor: Reactor) -> None:
-    """EOF: the arbiter has died and the broker goes with it. (It tells the broker nothing.)"""
+def _on_lifeline(fd: int, reactor: Reactor, lines: LineBuffer) -> None:
+    """EOF: the arbiter has died and the broker goes with it. The arbiter tells the broker only
+    a new log level."""
     try:
-        if os.read(fd, 4096):
-            return
+        chunk = os.read(fd, 4096)
     except BlockingIOError:
         return
-    log.warning("arbiter gone; broker exits")
-    reactor.stop()
+    if not chunk:
+        log.warning("arbiter gone; broker exits")
+        reactor.stop()
+        return
+    for line in lines.feed(chunk):
+        try:
+            command = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(command, dict) and command.get("cmd") == "loglevel":
+            set_log_level(str(command.get("level", "INFO")))

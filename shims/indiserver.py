@@ -65,7 +65,10 @@ def config_from_indiserver_args(argv: list[str]) -> Config:
                     blob_drop_mb=args.blob_drop_mb, fifo=args.fifo, log_dir=args.log_dir,
                     log_level=("INFO", "INFO", "DEBUG", "TRACE")[min(args.verbose, 3)],
                     exit_when_no_drivers=not args.fifo, indiserver_messages=True,
-                    local_socket=args.unix_socket)
+                    local_socket=args.unix_socket,
+                    # indiserver serves no device of its own, and tools written against it
+                    # (indilib's tests, scripts) count the devices they see: none added here.
+                    server_device="")
     config.restart["max_restarts"] = args.restarts
     for driver in args.drivers:
         if "@" in driver:

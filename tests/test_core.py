@@ -58,7 +58,7 @@ def driver_pids(broker, expect: int = 2) -> dict[str, int]:
 
 
 def test_same_properties_as_indiserver(broker_factory, home):
-    b = broker_factory(*SIMS, env=home)
+    b = broker_factory(*SIMS, "--no-server-device", env=home)  # indiserver has no such device
     ours = wait_until(lambda: (p := names(getprop(b.port))) and len({k.split(".")[0] for k in p}) == 2 and p,
                       30, what="both simulators' properties")
     with IndiServer("indi_simulator_telescope", "indi_simulator_ccd",

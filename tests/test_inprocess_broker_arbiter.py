@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -153,7 +154,8 @@ NEW = b'<newNumberVector device="Scope" name="EQ"><oneNumber name="RA">3</oneNum
 
 def test_hello_is_answered_and_registers_the_peer(bb: Backbone) -> None:
     scope = registered(bb, bb.peer("driver", "exdriver-0"), ["Scope"])
-    assert bb.broker.status() == {"peers": 1, "devices": ["Scope"], "dropped": 0, "echoes": 0}
+    assert bb.broker.status() == {"peers": 1, "devices": ["Scope"], "dropped": 0, "echoes": 0,
+                                  "messages": 1, "bytes": 0}  # the answer: a header, no payload
     assert bb.changes >= 1  # the status file is told
     scope.say(wire.HB)
     bb.until(lambda: scope.verbs() == [wire.HB], "a heartbeat answered")
@@ -363,11 +365,11 @@ def test_start_forks_every_child_broker_first(make_arbiter: ArbiterMaker) -> Non
                     drivers=[DriverConfig(argv=["indi_a"]), DriverConfig(argv=["indi_b"])])
     arbiter, forker = make_arbiter(config, settle=False)
     # Clients wait in the listening socket's backlog until the drivers have defined their devices.
-    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1"]
+    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1", "ib-serverdevice"]
     arbiter.reactor.turn(max_wait=0.05)
-    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1"]
+    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1", "ib-serverdevice"]
     drivers_defined(arbiter, arbiter.runtime)
-    assert forker.started[3:] == ["ib-gateway-0", "ib-gateway-1"]
+    assert forker.started[4:] == ["ib-gateway-0", "ib-gateway-1"]
     assert all(c.proc is not None and c.lifecycle.state.value == "RUNNING" for c in arbiter.children)
     assert [d.name for d in child(arbiter, "exdriver-1").drivers] == ["indi_b"]
 
@@ -380,12 +382,37 @@ def test_status_command_merges_status_files(make_arbiter: ArbiterMaker, runtime:
     reply = arbiter._command({"cmd": "status"})
     assert reply["ok"] is True
     rows = {r["name"]: r for r in reply["status"]}
-    assert [r["role"] for r in reply["status"]] == ["arbiter", "broker", "gateway", "exdriver", "driver"]
+    assert [r["role"] for r in reply["status"]] == ["arbiter", "broker", "gateway", "exdriver", "driver",
+                                                    "serverdevice"]
     assert rows["arbiter"]["pid"] == os.getpid()
     assert rows["gateway-0"]["clients"] == 3 and rows["gateway-0"]["state"] == "RUNNING"
     assert rows["demo"]["worker"] == "exdriver-0" and rows["demo"]["devices"] == ["LED"]
     assert rows["demo"]["restarts"] == 2
     assert arbiter._command({"cmd": "bogus"}) == {"ok": False, "error": "unknown command 'bogus'"}
+
+
+def test_status_without_usage_reads_no_cpu_or_memory(make_arbiter: ArbiterMaker) -> None:
+    arbiter, _ = make_arbiter()
+    rows = arbiter._command({"cmd": "status", "usage": False})["status"]
+    assert rows and all("cpu_percent" not in r and "rss" not in r for r in rows)
+    assert rows[0]["log_level"] == "INFO"
+    assert all("cpu_percent" in r for r in arbiter._command({"cmd": "status"})["status"])
+
+
+def test_loglevel_is_set_here_and_told_to_every_child(make_arbiter: ArbiterMaker) -> None:
+    arbiter, forker = make_arbiter()
+    root = logging.getLogger()
+    before = root.level
+    try:
+        assert arbiter._command({"cmd": "loglevel", "level": "debug"}) == {"ok": True, "level": "DEBUG"}
+        assert root.level == logging.DEBUG and arbiter.config.log_level == "DEBUG"
+        for c in arbiter.children:
+            assert forker.told(c.name)[-1] == {"cmd": "loglevel", "level": "DEBUG"}
+        assert arbiter._command({"cmd": "status", "usage": False})["status"][0]["log_level"] == "DEBUG"
+        refused = arbiter._command({"cmd": "loglevel", "level": "LOUD"})
+        assert refused["ok"] is False and "expected one of" in refused["error"]
+    finally:
+        root.setLevel(before)
 
 
 def test_driver_stop_start_restart_are_told_to_its_worker(make_arbiter: ArbiterMaker) -> None:
@@ -428,7 +455,7 @@ def test_a_new_driver_goes_to_the_least_loaded_worker(make_arbiter: ArbiterMaker
 def test_fifo_lines_start_and_stop_drivers(make_arbiter: ArbiterMaker, runtime: RuntimeDir) -> None:
     fifo = runtime.path.parent / "indi.fifo"
     arbiter, forker = make_arbiter(Config(host="127.0.0.1", port=0, fifo=str(fifo)))
-    assert forker.started == ["ib-broker", "ib-gateway-0"]  # a FIFO instance has no demo driver
+    assert forker.started == ["ib-broker", "ib-serverdevice", "ib-gateway-0"]  # a FIFO instance: no demo driver
 
     arbiter._fifo_line("start", "indi_simulator_ccd", {"INDIDEV": "My CCD"})
     assert forker.started[-1] == "ib-exdriver-0"  # the first driver brings its worker
@@ -476,7 +503,7 @@ def test_stop_all_goes_in_order_and_forgets_its_children(make_arbiter: ArbiterMa
     monkeypatch.setattr(arbiter_module, "signal_group", signal_group)
     arbiter.stop_all()
     assert [n for n, sig in signalled if sig == signal.SIGTERM] == \
-        ["gateway-0", "gateway-1", "exdriver-0", "broker"]
+        ["gateway-0", "gateway-1", "serverdevice", "exdriver-0", "broker"]
     assert all(c.proc is None and c.lifeline == -1 and c.lifecycle.state.value == "STOPPED"
                for c in arbiter.children)
     assert all(c.restart_timer is None for c in arbiter.children)

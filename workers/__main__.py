@@ -16,6 +16,7 @@ def preload() -> None:
     import indibroker.workers.exdriver  # noqa: F401
     import indibroker.workers.gateway  # noqa: F401
     import indibroker.workers.remote  # noqa: F401
+    import indibroker.workers.serverdevice  # noqa: F401
 
 
 def run_role(kind: str, settings: WorkerSettings, inheritance: Inheritance) -> int:
@@ -39,6 +40,10 @@ def run_role(kind: str, settings: WorkerSettings, inheritance: Inheritance) -> i
         from indibroker.workers.remote import RemoteBridge
 
         worker = RemoteBridge
+    elif kind == "serverdevice":
+        from indibroker.workers.serverdevice import ServerDevice
+
+        worker = ServerDevice
     else:
         raise ValueError(f"unknown worker kind {kind!r}")
     return worker.main(settings, inheritance)

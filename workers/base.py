@@ -26,6 +26,7 @@ from indibroker.workers.backbone import Backbone, BackboneLink
 from indibroker.workers.linebuffer import LineBuffer
 from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import Inheritance, WorkerSettings
+from indibroker.workers.traffic import set_log_level
 
 __all__ = ["Worker"]
 
@@ -89,6 +90,8 @@ class Worker:
         if command.get("cmd") == "hello":  # the arbiter restarted the broker: register at once
             self.backbone.hello()
             self.registered_again()
+        elif command.get("cmd") == "loglevel":  # `indibroker loglevel`, the server device
+            set_log_level(str(command.get("level", "INFO")))
         else:
             log.warning("unknown command %r", command)
 

@@ -96,6 +96,7 @@ class Driver:
         # tuple for a BLOB in base64), oldest first: the broker's DONEs come in this order.
         self.held: dict[str, collections.deque[tuple[int, ...]]] = {}
         self.held_count = 0  # buffers in `held`
+        self.operator_restarts = 0  # restarts asked for (not crashes: those are the lifecycle's)
 
     def close_held(self, device: str, count: int = 1) -> None:
         """The oldest `count` BLOBs of `device` are done everywhere: close their buffers."""
@@ -135,6 +136,7 @@ class Driver:
             "pid": self.process.pid,
             "state": lc.state.value,
             "restarts": lc.restarts,
+            "operator_restarts": self.operator_restarts,
             "started": self.process.started_wall,
             "last_exit": lc.last_exit,
             "devices": sorted(self.devices),
@@ -233,6 +235,7 @@ class ExDriverWorker(Worker):
         elif action == "stop":
             self._operator_stop(driver)
         elif action == "restart":
+            driver.operator_restarts += 1
             self._operator_stop(driver, then_start=True)
         else:
             log.warning("unknown driver action %r", action)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 GETP_COALESCE = 2.0  # seconds a getProperties waiting for its first answer stands for others
 ASKED_MAX = 1024  # pending questions remembered before stale ones are forgotten
 RESTART_NOTICE_GAP = 5.0  # seconds: one notice to clients per broker restart
+STATUS_CONNECTIONS = 256  # clients detailed in the status file, at most
 
 
 class Gateway(Worker):
@@ -98,9 +99,13 @@ class Gateway(Worker):
             deliver(client, notice, False)
 
     def status(self) -> dict[str, Any]:
+        clients = list(self.clients.values())
         return {
-            "clients": len(self.clients),
-            "peers": sorted(c.peer for c in self.clients.values()),
+            "clients": len(clients),
+            "peers": sorted(c.peer for c in clients),
+            # For the server device (as of this file's last write: connections and drops write it).
+            "connections": [{"address": c.peer, "queued": c.out.bytes + c.out.held if c.out else 0,
+                             "blobs_dropped": c.blobs_dropped} for c in clients[:STATUS_CONNECTIONS]],
         }
 
     def _dropped(self, client: Client) -> None:

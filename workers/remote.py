@@ -206,6 +206,8 @@ class RemoteBridge(Worker):
         name = el.get("name")
         if self.only_device and device and device != self.only_device:
             return
+        if device and device == self.settings.own_device:
+            return  # a chained indibroker's server device, named as ours: ours is the one served here
         if not device:
             if verb == wire.MSG and self._seen_recently(el.raw):
                 return

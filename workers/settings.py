@@ -20,7 +20,7 @@ from indibroker.broker.supervision import RestartPolicy
 from indibroker.workers.access import AccessPolicy
 
 __all__ = ["WorkerSettings", "BrokerSettings", "GatewaySettings", "DriverSettings", "ExDriverSettings",
-           "RemoteSettings", "Inheritance", "EXIT_NO_DRIVERS"]
+           "RemoteSettings", "ServerDeviceSettings", "Inheritance", "EXIT_NO_DRIVERS"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,14 @@ class RemoteSettings(WorkerSettings):
     blob_enable: bool  # ask the remote for BLOBs (enableBLOB Also)
     snoop_up: bool  # relay our devices' traffic up, for the remote's snooping drivers
     max_element: int
+    own_device: str = ""  # our server device's name: a chained indibroker's of that name is not relayed
+
+
+@dataclass(frozen=True)
+class ServerDeviceSettings(WorkerSettings):
+    device: str  # the INDI device's name
+    host: str  # where clients reach us, shown on the device
+    port: int
 
 
 @dataclass

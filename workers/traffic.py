@@ -5,18 +5,32 @@ connection and direction (DEBUG), or the message's XML itself (TRACE), on the lo
 from __future__ import annotations
 
 import logging
+import weakref
 
 from indibroker.broker.runtime import TRACE
 
-__all__ = ["TRACE", "Traffic"]
+__all__ = ["TRACE", "Traffic", "set_log_level"]
 
 _log = logging.getLogger("indibroker.traffic")
+_instances: weakref.WeakSet[Traffic] = weakref.WeakSet()
+
+
+def set_log_level(level: str) -> None:
+    """This process's log level, changed at run time (`indibroker loglevel`, the server device):
+    the root logger's, and what every `Traffic` tests per message."""
+    logging.getLogger().setLevel(logging.getLevelName(level.upper()))
+    for traffic in list(_instances):
+        traffic.refresh()
 
 
 class Traffic:
-    __slots__ = ("on", "xml")
+    __slots__ = ("on", "xml", "__weakref__")
 
     def __init__(self) -> None:
+        self.refresh()
+        _instances.add(self)
+
+    def refresh(self) -> None:
         level = _log.getEffectiveLevel()
         self.on = level <= logging.DEBUG  # callers test this before calling `log`
         self.xml = level <= TRACE
