@@ -186,7 +186,7 @@ def test_interests_round_trip(entries):
 def test_hello_round_trip_and_refusals():
     data = wire.parse_hello(wire.hello_payload("driver", "ccd", {"B", "A"}, "a1b2"), "a1b2")
     assert data == {"wire": wire.WIRE_VERSION, "instance": "a1b2", "role": "driver", "name": "ccd",
-                    "devices": ["A", "B"]}
+                    "devices": ["A", "B"], "heartbeat": 0.0}
     with pytest.raises(ValueError, match="another instance"):  # a killed instance's lingering worker
         wire.parse_hello(wire.hello_payload("driver", "ccd", {"A"}, "old0"), "a1b2")
     for bad in ({"wire": wire.WIRE_VERSION + 1, "role": "driver"}, {"wire": wire.WIRE_VERSION, "role": "x"},

@@ -31,7 +31,8 @@ class WorkerSettings:
 
 @dataclass(frozen=True)
 class BrokerSettings(WorkerSettings):
-    pass
+    hosts_endpoint: str | None  # tcp://ADDR:PORT where joined hosts connect (CURVE), or None
+    keys: str | None  # the directory of server.key_secret and hosts/*.key
 
 
 @dataclass(frozen=True)
