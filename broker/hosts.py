@@ -175,7 +175,11 @@ class HostEndpoint:
         self.monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        sock.bind(endpoint)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            self.close()  # the ZAP endpoint too, so that a later attempt can bind it again
+            raise
 
     def monitor_readable(self) -> None:
         import zmq

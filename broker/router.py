@@ -23,6 +23,7 @@ from collections.abc import Callable
 import zmq
 
 from indibroker.broker import wire
+from indibroker.broker.errors import ConfigError
 from indibroker.broker.hosts import HostEndpoint
 from indibroker.broker.pacing import BlobPacing
 from indibroker.broker.ratelog import RateLimitedLog
@@ -44,6 +45,7 @@ AWAIT_DEFINITION = 5.0  # seconds a command for a device not yet defined waits f
 AWAIT_BYTES = 4 * 1024 * 1024  # bound on the commands waiting so, in all
 HOST_HWM = 10_000  # messages queued for one joined host's worker (BLOBs are paced: broker/pacing.py)
 HOST_REPORT_MAX = 64 * 1024  # bytes of a host worker's status report we keep
+HOST_RETRY = 5.0  # seconds between attempts to open a host endpoint that could not be had
 
 Payload = zmq.Frame | memoryview
 Handler = Callable[[bytes, bytes, bytes, str, str, bytes, Payload], None]
@@ -96,13 +98,31 @@ class Broker:
         """Serve on `reactor`: at most BATCH messages per turn of its loop (then signals and the
         lifeline are looked at), and what they made for each peer sent at the end of the turn."""
         self._defer = reactor.defer
+        self._reactor = reactor
         reactor.add_zmq(self.sock, self._readable)
         if self.hosts is not None:
-            reactor.add_zmq(self.hosts.zap.sock, self.hosts.zap.readable)
-            reactor.add_zmq(self.hosts.monitor, self.hosts.monitor_readable)
-            reactor.add_zmq(self.hosts.sock, self._readable_hosts)
-            self._reactor = reactor
-            reactor.call_later(1.0, self._expire_hosts)
+            self._serve_hosts(self.hosts)
+
+    def serve_hosts(self, ctx: zmq.Context, endpoint: str, keys: str) -> None:
+        """Open the host endpoint (after `attach`). If it cannot be had (the address is not ours
+        yet, the port is taken), local workers are served meanwhile and it is tried again."""
+        try:
+            hosts = HostEndpoint(ctx, endpoint, keys, HEARTBEAT_INTERVAL, HOST_HWM)
+        except (zmq.ZMQError, ConfigError) as exc:
+            self._refusals.error("endpoint", "cannot serve joined hosts on %s: %s; trying again every %.0f s",
+                                 endpoint, exc, HOST_RETRY)
+            self._reactor.call_later(HOST_RETRY, lambda: self.serve_hosts(ctx, endpoint, keys))
+            return
+        log.info("serving joined hosts on %s (CURVE, keys of %s/hosts)", endpoint, keys)
+        self._serve_hosts(hosts)
+
+    def _serve_hosts(self, hosts: HostEndpoint) -> None:
+        self.hosts = hosts
+        reactor = self._reactor
+        reactor.add_zmq(hosts.zap.sock, hosts.zap.readable)
+        reactor.add_zmq(hosts.monitor, hosts.monitor_readable)
+        reactor.add_zmq(hosts.sock, self._readable_hosts)
+        reactor.call_later(1.0, self._expire_hosts)
 
     def _readable(self) -> None:
         if not self._turn_open:
@@ -466,14 +486,12 @@ def main(settings: WorkerSettings) -> int:
     reactor.on_signal(signal.SIGTERM, lambda _signum: reactor.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the arbiter, which stops us in order
     ctx = zmq.Context()
-    hosts = None
-    if isinstance(settings, BrokerSettings) and settings.hosts_endpoint and settings.keys:
-        hosts = HostEndpoint(ctx, settings.hosts_endpoint, settings.keys, HEARTBEAT_INTERVAL, HOST_HWM)
-        log.info("serving joined hosts on %s (CURVE, keys of %s/hosts)", settings.hosts_endpoint, settings.keys)
-    broker = Broker(ctx, runtime.broker_endpoint, runtime.instance, hosts)
+    broker = Broker(ctx, runtime.broker_endpoint, runtime.instance)
     status = StatusFile(runtime, "broker", broker.status, reactor, settings.liveness)
     broker.on_change = status.changed
     broker.attach(reactor)
+    if isinstance(settings, BrokerSettings) and settings.hosts_endpoint and settings.keys:
+        broker.serve_hosts(ctx, settings.hosts_endpoint, settings.keys)
     lifeline = lifeline_fd()
     if lifeline is not None:
         os.set_blocking(lifeline, False)
