@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,6 +169,48 @@ def test_unknown_keys_and_plain_connections_are_refused_and_logged(tmp_path, hom
             assert not [r for r in s.central.status() if r.get("host") == "stranger"]
 
 
+def _impostor(endpoint: str, keys: Path, identity: bytes) -> None:
+    """A listed host ("dome", by its key) claiming to be a worker of another host."""
+    from indibroker.broker.hosts import JoinLink, secure_client
+
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        secure_client(sock, JoinLink(endpoint, "dome", str(keys), 1.0))
+        sock.connect(endpoint)
+        payload = wire.hello_payload("driver", "evil", ["Evil Device"], "", 1.0)
+        sock.send_multipart([wire.record(wire.header(wire.HELLO), len(payload)), payload])
+        time.sleep(0.3)  # what the test observes is the server's log, waited for below
+        sock.close(linger=0)
+    finally:
+        ctx.term()
+
+
+def test_a_host_endpoint_that_cannot_be_had_is_tried_again_and_local_service_goes_on(tmp_path, home):
+    """The host endpoint's port is taken when the central server starts: its own devices are
+    served at once, the error is logged, and hosts join once the port is free."""
+    keys = make_host_keys(tmp_path / "keys")
+    port = free_port()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    with Broker("--exdriver", "indi_simulator_focus", "--hosts-endpoint", endpoint, "--keys", str(keys["server"]),
+                log_dir=tmp_path, runtime_dir=tmp_path / "central", env=home) as central:
+        try:
+            wait_until(lambda: "cannot serve joined hosts" in central.log(), 10, what="the endpoint's error logged")
+            with contextlib.closing(RawClient(central.port)) as c:
+                c.send('<getProperties version="1.7"/>')
+                defined(c, {FOCUS})
+        finally:
+            squatter.close()
+        with Joined(endpoint, keys["pier"], "pier", "--exdriver", "indi_simulator_telescope",
+                    log_dir=tmp_path, runtime_dir=tmp_path / "pier", env=home):
+            wait_until(lambda: SCOPE in central.row("broker").get("devices", []), 20, what="pier's telescope")
+
+
 def _pids(host: Joined) -> dict[str, int]:
     return wait_until(lambda: (d := host.drivers()) and len(d) == 2 and all(d.values()) and d, 10,
                       what="the joined host's drivers")
@@ -208,18 +251,28 @@ def test_a_partition_deletes_the_hosts_devices_and_healing_brings_them_back(tmp_
 
 def test_the_host_registers_again_after_the_central_broker_is_killed(tmp_path, home):
     """Must-show 4: the central broker dies (SIGKILL) and is restarted by its arbiter; the host
-    registers again and clients see its devices again, its drivers untouched."""
-    with site(tmp_path, home) as s, contextlib.closing(RawClient(s.central.port)) as c:
-        c.send('<getProperties version="1.7"/>')
-        defined(c, {SCOPE, CCD, FOCUS})
-        pids = _pids(s.host)
-        broker = s.central.row("broker")["pid"]
-        mark = len(c.elements)
-        os.kill(broker, signal.SIGKILL)
-        defined(c, {SCOPE, CCD, FOCUS}, start=mark, timeout=20)
-        assert s.central.row("broker")["pid"] != broker
-        assert _pids(s.host) == pids
-        assert not c.closed
+    registers again and clients see its devices again, its drivers untouched. The same when the
+    whole central server is stopped and started again."""
+    with site(tmp_path, home) as s:
+        with contextlib.closing(RawClient(s.central.port)) as c:
+            c.send('<getProperties version="1.7"/>')
+            defined(c, {SCOPE, CCD, FOCUS})
+            pids = _pids(s.host)
+            broker = s.central.row("broker")["pid"]
+            mark = len(c.elements)
+            os.kill(broker, signal.SIGKILL)
+            defined(c, {SCOPE, CCD, FOCUS}, start=mark, timeout=20)
+            assert s.central.row("broker")["pid"] != broker
+            assert _pids(s.host) == pids
+            assert not c.closed
+        s.central.stop()
+        again = Broker(*s.central.args, port=s.central.port, log_dir=tmp_path / "again",
+                       runtime_dir=tmp_path / "central", env=home)
+        (tmp_path / "again").mkdir()
+        with again, contextlib.closing(RawClient(again.port)) as c:
+            c.send('<getProperties version="1.7"/>')
+            defined(c, {SCOPE, CCD, FOCUS}, timeout=20)
+            assert _pids(s.host) == pids
 
 
 def test_a_host_cannot_take_a_device_another_source_owns(tmp_path, home):
@@ -237,6 +290,8 @@ def test_a_host_cannot_take_a_device_another_source_owns(tmp_path, home):
                     "--exdriver", "indi_simulator_dome", log_dir=tmp_path, runtime_dir=tmp_path / "dome", env=other):
             wait_until(lambda: "Dome Simulator" in central.row("broker").get("devices", []), 15, what="the dome")
             wait_until(lambda: "may not" in central.log(), 10, what="the refused claim logged")
+            _impostor(endpoint, keys["dome"], b"pier/driver:evil")
+            wait_until(lambda: "speaking as" in central.log(), 10, what="the impostor's messages dropped")
             owners = [r for r in central.status() if r["role"] == "driver" and SCOPE in r.get("devices", [])]
             assert all(r["name"].startswith("pier/") for r in owners), owners
             with contextlib.closing(RawClient(central.port)) as c:
