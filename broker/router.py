@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 
 import zmq
@@ -45,6 +46,7 @@ AWAIT_DEFINITION = 5.0  # seconds a command for a device not yet defined waits f
 AWAIT_BYTES = 4 * 1024 * 1024  # bound on the commands waiting so, in all
 HOST_HWM = 10_000  # messages queued for one joined host's worker (BLOBs are paced: broker/pacing.py)
 HOST_REPORT_MAX = 64 * 1024  # bytes of a host worker's status report we keep
+HOST_BLOB_BYTES = 16 * 1024 * 1024  # BLOB bytes on their way to one host's gateway (not yet DONE)
 HOST_RETRY = 5.0  # seconds between attempts to open a host endpoint that could not be had
 
 Payload = zmq.Frame | memoryview
@@ -64,6 +66,10 @@ class Broker:
         self._host_beat: dict[bytes, float] = {}  # ... -> its heartbeat interval (from its HELLO)
         self._host_reports: dict[bytes, dict] = {}  # ... -> its last status report
         self._host_links: dict[str, dict] = {}  # host name -> {"link": connected|lost, "since": wall time}
+        # BLOBs sent to a host's gateway and not yet DONE: sizes per device, and their total
+        self._host_blobs: dict[bytes, dict[str, deque[int]]] = {}
+        self._host_blob_bytes: dict[bytes, int] = {}
+        self.host_blobs_dropped = 0
         self._refusals = RateLimitedLog(log, 30.0)  # what a misbehaving peer can repeat
         self.table = RoutingTable()
         self.pacing = BlobPacing()
@@ -184,6 +190,8 @@ class Broker:
         self._host_heard.pop(ident, None)
         self._host_beat.pop(ident, None)
         self._host_reports.pop(ident, None)
+        self._host_blobs.pop(ident, None)
+        self._host_blob_bytes.pop(ident, None)
         peer = self.table.peers.get(ident)
         if peer is None:
             return
@@ -296,12 +304,34 @@ class Broker:
             self.on_change()
         blob = flags == wire.FLAG_BLOB
         targets = table.targets(device, name, blob)
+        if blob and device and self._host_of:
+            targets = self._bound_host_blobs(targets, device, len(payload))
         for target in targets:
             self._queue(target, head, payload)
         if blob and device:
             gateways = [t for t in targets if table.peers[t].role == "gateway"]
             if self.pacing.routed(device, gateways):
                 self._flow(ident, device, wire.FLOW_DONE)
+
+    def _bound_host_blobs(self, targets: list[bytes], device: str, size: int) -> list[bytes]:
+        """A joined host's gateway is sent at most HOST_BLOB_BYTES of BLOBs it has not yet said
+        DONE for (one BLOB at least, whatever its size): past that, a BLOB for it is dropped
+        here, as a slow client's streaming BLOBs are dropped at its gateway. What a slow link
+        cannot carry then never piles up in the broker's queues."""
+        out = []
+        for target in targets:
+            if target in self._host_of and self.table.peers[target].role == "gateway":
+                queued = self._host_blob_bytes.get(target, 0)
+                if queued and queued + size > HOST_BLOB_BYTES:
+                    self.host_blobs_dropped += 1
+                    self._refusals.warning(("slow host", target), "BLOB of %s not sent to %s: %.1f MB of "
+                                           "BLOBs still on their way to it (a slow link)", device,
+                                           self.table.peers[target].name, queued / 1048576)
+                    continue
+                self._host_blobs.setdefault(target, {}).setdefault(device, deque()).append(size)
+                self._host_blob_bytes[target] = queued + size
+            out.append(target)
+        return out
 
     def _on_snoop(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                   payload: Payload) -> None:
@@ -359,6 +389,9 @@ class Broker:
     def _on_flow(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                  payload: Payload) -> None:
         """BLOB pacing from a gateway, told on to the device's owner (broker/pacing.py)."""
+        pending = self._host_blobs.get(ident, {}).get(device) if flags == wire.FLOW_DONE else None
+        if pending:  # a joined host's gateway has one BLOB fewer on its way
+            self._host_blob_bytes[ident] -= pending.popleft()
         owner = self.table.owner(device)
         if owner is None or owner == ident:
             return
@@ -387,6 +420,8 @@ class Broker:
             self._refusals.warning(ident, "refused hello from %r: %s", ident, exc)
             return
         self._unpace(ident)
+        self._host_blobs.pop(ident, None)  # a gateway (re)starting owes no DONE
+        self._host_blob_bytes.pop(ident, None)
         name = f"{host}/{data['name']}" if host else data["name"]
         peer = self.table.add_peer(ident, data["role"], name, data["devices"], host)
         self.on_change()
@@ -476,6 +511,7 @@ class Broker:
                     hosts[peer.host]["workers"].append(report)
             out["hosts"] = hosts
             out["refused_hosts"] = self.hosts.zap.refused
+            out["host_blobs_dropped"] = self.host_blobs_dropped
         return out
 
 
