@@ -416,6 +416,8 @@ class Arbiter:
         # which starts its drivers before it accepts).
         self._gateways_when_ready(time.monotonic() + GATEWAY_START_WAIT)
         self.reactor.call_later(self.config.worker_liveness / 3, self._check_liveness)
+        if self.config.join:
+            log.info("joining %s as host %s", self.config.join, self.config.host_name)
         log.info("indibroker serving on %s:%d (%d gateway(s), %d driver(s)); runtime %s",
                  self.config.host, self.config.port,
                  sum(c.role == "gateway" for c in self.children),

@@ -426,7 +426,8 @@ class Broker:
         peer = self.table.add_peer(ident, data["role"], name, data["devices"], host)
         self.on_change()
         if host:
-            self._host_beat[ident] = float(data.get("heartbeat") or HEARTBEAT_INTERVAL)
+            # Its own interval, within reason: a host cannot make itself never expire.
+            self._host_beat[ident] = min(max(float(data.get("heartbeat") or HEARTBEAT_INTERVAL), 0.1), 60.0)
             if self._host_links.get(host, {}).get("link") != "connected":
                 self._host_links[host] = {"link": "connected", "since": time.time()}
                 log.info("host %s joined", host)

@@ -22,6 +22,7 @@ import pytest
 import zmq
 from support import (
     Broker,
+    IndiServer,
     Joined,
     Netns,
     RawClient,
@@ -125,6 +126,24 @@ def test_a_central_client_sees_sets_and_gets_blobs_from_a_joined_host(tmp_path, 
         assert set(s.host.drivers().values()) == {r["pid"] for r in rows if r["role"] == "driver"}
         text = s.central.cli("status").stdout
         assert "pier" in text and "link connected" in text, text
+
+
+def test_python_drivers_and_remote_bridges_join_too(tmp_path, home):
+    """A joined host serves a Python driver and a remote INDI server's devices as its own."""
+    examples = Path(__file__).parent.parent / "docs" / "examples"
+    keys = make_host_keys(tmp_path / "keys")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with IndiServer("indi_simulator_dome") as remote, \
+            Broker("--no-demo", "--hosts-endpoint", endpoint, "--keys", str(keys["server"]), log_dir=tmp_path,
+                   runtime_dir=tmp_path / "central", env=home) as central, \
+            Joined(endpoint, keys["pier"], "pier", "--driver", "dew_heater:make_driver",
+                   "--remote", f"localhost:{remote.port}", log_dir=tmp_path, runtime_dir=tmp_path / "pier",
+                   env={**home, "PYTHONPATH": str(examples)}), \
+            contextlib.closing(RawClient(central.port)) as c:
+        c.send('<getProperties version="1.7"/>')
+        defined(c, {"Dew Heater", "Dome Simulator"}, timeout=30)
+        wait_until(lambda: {"host", "exdriver", "remote", "driver"} <= {
+            r["role"] for r in central.status() if r.get("host") == "pier"}, 10, what="the host's workers in status")
 
 
 def _plain_dealer_hello(endpoint: str) -> None:

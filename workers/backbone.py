@@ -191,10 +191,10 @@ class Backbone:
             return
         try:
             send_frames(self.sock, [b"\n".join(records), body])
-        except zmq.Again:
+        except zmq.Again:  # a broker that is not reading, or a joined host's link that is down
             self.dropped += len(records)
-            log.warning("backbone queue full: %d message(s) dropped (%d so far)", len(records),
-                        self.dropped)
+            self._silence_log.warning("full", "backbone queue full: %d message(s) dropped (%d so far)",
+                                      len(records), self.dropped)
 
     def _readable(self) -> None:
         if self.sock is None:
