@@ -96,11 +96,13 @@ class Arbiter:
     signature), so that nothing is forked."""
 
     def __init__(self, config: Config, runtime: RuntimeDir, *, reactor: Reactor | None = None,
-                 forker: Forker = fork_child, listeners: list[socket.socket] | None = None):
+                 forker: Forker = fork_child, listeners: list[socket.socket] | None = None,
+                 local_listener: socket.socket | None = None):
         self.config = config
         # The clients' port, listening since start-up (broker/listening.py): one socket per
         # gateway, which inherits its own.
         self.listeners = listeners or []
+        self.local_listener = local_listener  # the local socket (`-u`), shared by every gateway
         self.runtime = runtime
         self.children: list[Child] = []
         self.reactor = reactor or Reactor()
@@ -126,6 +128,8 @@ class Arbiter:
             settings = cfg.gateway_settings(i)
             if i < len(self.listeners):
                 settings = dataclasses.replace(settings, listen_fd=self.listeners[i].fileno())
+            if self.local_listener is not None:
+                settings = dataclasses.replace(settings, local_fd=self.local_listener.fileno())
             self.children.append(Child("gateway", settings))
         for remote in cfg.remotes:
             self.children.append(Child("remote", remote.settings(cfg)))
@@ -157,8 +161,8 @@ class Arbiter:
         settings, inheritance = child.settings_now(), child.inheritance
         try:
             keep = [read_end]
-            if isinstance(settings, GatewaySettings) and settings.listen_fd >= 0:
-                keep.append(settings.listen_fd)
+            if isinstance(settings, GatewaySettings):
+                keep += [fd for fd in (settings.listen_fd, settings.local_fd) if fd >= 0]
             child.proc = self._fork(lambda: run_role(child.role, settings, inheritance), env,
                                     keep_fds=keep, name=f"ib-{child.name}")
         except OSError as exc:
@@ -454,6 +458,8 @@ class Arbiter:
         self.stop_all()
         for listener in self.listeners:
             listener.close()
+        if self.local_listener is not None:
+            self.local_listener.close()
         self.control.close()
         if self.fifo is not None:
             self.fifo.close()

@@ -16,7 +16,7 @@ from typing import Any
 from indibroker.broker.config import Config, DriverConfig, RemoteConfig, load_toml
 from indibroker.broker.control import request
 from indibroker.broker.errors import ConfigError, ControlError, IndibrokerError
-from indibroker.broker.listening import listen
+from indibroker.broker.listening import listen, listen_local
 from indibroker.broker.runtime import RuntimeDir, configure_logging
 
 __all__ = ["main", "build_parser", "serve"]
@@ -65,6 +65,10 @@ def _server_args(start: argparse.ArgumentParser) -> None:
                        help="serve another INDI server's devices (repeatable; indiserver's form)")
     start.add_argument("--remote-blobs", action="store_true", dest="remote_blobs",
                        help="also pass BLOBs from the --remote servers")
+    start.add_argument("--local-socket", dest="local_socket", metavar="PATH",
+                       help="also serve local clients on this unix socket (abstract on Linux; "
+                            "indiserver's -u, whose default is /tmp/indiserver): BLOBs reach them as "
+                            "shared memory buffers")
     start.add_argument("--gateways", type=int, help="client gateway processes sharing the port")
     start.add_argument("--maxconnections", type=int, help="most clients at once (0: unlimited)")
     start.add_argument("--allow", action="append", default=[], metavar="CIDR",
@@ -126,8 +130,8 @@ def _version() -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     config = load_toml(args.config) if args.config else Config()
     for key in ("host", "port", "gateways", "maxconnections", "blob_drop_mb", "client_max_mb",
-                "fifo", "log_dir", "runtime_dir", "max_connections_per_address", "hosts_endpoint", "keys",
-                "join", "host_name", "host_heartbeat"):
+                "fifo", "log_dir", "runtime_dir", "max_connections_per_address", "local_socket",
+                "hosts_endpoint", "keys", "join", "host_name", "host_heartbeat"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(config, key, value)
@@ -194,9 +198,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     return serve(config_from_args(args))
 
 
-def serve(config: Config, listener: socket.socket | None = None) -> int:
+def serve(config: Config, listener: socket.socket | None = None,
+          local_listener: socket.socket | None = None) -> int:
     """Run an instance in the foreground until SIGTERM or Ctrl-C (also the indiserver shim's,
-    which passes the socket it listened on first thing)."""
+    which passes the sockets it listened on first thing)."""
     from indibroker.broker.arbiter import Arbiter  # the other commands need none of this
 
     configure_logging("arbiter", logging.getLevelName(config.log_level.upper()))
@@ -207,16 +212,26 @@ def serve(config: Config, listener: socket.socket | None = None) -> int:
         # connecting meanwhile waits in the backlog instead of being refused.
         listeners = [listener or listen_or_fail(config.host, config.port)] if listener or config.gateways else []
         listeners += [listen_or_fail(config.host, config.port) for _ in range(1, config.gateways)]
+        if config.local_socket and local_listener is None:
+            local_listener = listen_local_or_fail(config.local_socket)
         # Workers are forked from this process: import what they run now, once, and keep the
         # collector away from it, so that every worker shares these pages instead of copying them.
         from indibroker.workers.__main__ import preload
 
         preload()
         gc.freeze()
-        arbiter = Arbiter(config, runtime, listeners=listeners)
+        arbiter = Arbiter(config, runtime, listeners=listeners, local_listener=local_listener)
         return arbiter.run()
     finally:
         runtime.release()
+
+
+def listen_local_or_fail(path: str) -> socket.socket:
+    """The local socket, listening; a clear one-line error if another server has it."""
+    try:
+        return listen_local(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on local socket {path}: {exc.strerror or exc}") from None
 
 
 def listen_or_fail(host: str, port: int) -> socket.socket:

@@ -111,6 +111,9 @@ class Config:
     read_only: list[str] = field(default_factory=list)  # clients from these may not change anything
     write_rules: dict[str, list[str]] = field(default_factory=dict)  # device -> who may change it
     max_connections_per_address: int = 0  # 0: unlimited
+    # indiserver's local socket (`-u`): a unix socket (abstract on Linux) for clients on this
+    # machine, which receive BLOBs as shared memory buffers; "" for none.
+    local_socket: str = ""
     exdriver_workers: int = 1
     drivers: list[DriverConfig] = field(default_factory=list)
     remotes: list[RemoteConfig] = field(default_factory=list)
@@ -175,6 +178,7 @@ class Config:
             maxconnections=self.maxconnections, blob_drop_bytes=int(self.blob_drop_mb * MB),
             max_queue_bytes=int(self.client_max_mb * MB), max_element=int(self.client_max_element_mb * MB),
             max_partial_bytes=int(self.gateway_max_partial_mb * MB), access=self.access_policy(),
+            local_socket=self.local_socket,
         )
 
     def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:
@@ -209,6 +213,8 @@ class Config:
         self._validate_hosts(bad, problems)
         if self.maxconnections < 0:
             bad("maxconnections", "expected 0 (unlimited) or more")
+        if len(self.local_socket.encode()) > 100:  # sun_path holds 108 bytes, the abstract NUL one
+            bad("local_socket", "expected a path of at most 100 bytes")
         if self.max_connections_per_address < 0:
             bad("max_connections_per_address", "expected 0 (unlimited) or more")
         try:

@@ -1,4 +1,5 @@
-"""The TCP port clients connect to, bound by the first process before anything heavy.
+"""The TCP port (and the local socket) clients connect to, bound by the first process before
+anything heavy.
 
 KStars connects the moment it has launched the server and, refused, forgets which server its
 driver belongs to; the real indiserver listens about 2 ms after launch. So the arbiter binds and
@@ -12,12 +13,17 @@ gateway that crashes finds its connections waiting in its backlog when it is res
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
+import sys
 
-__all__ = ["resolve_listen", "listen", "BACKLOG", "INDI_PORT"]
+__all__ = ["resolve_listen", "listen", "listen_local", "local_address", "BACKLOG", "INDI_PORT",
+           "INDISERVER_LOCAL_SOCKET"]
 
 BACKLOG = 512
 INDI_PORT = 7624  # INDI's port: `Config.port`'s default and the indiserver shim's
+INDISERVER_LOCAL_SOCKET = "/tmp/indiserver"  # indiserver's `-u` default (libindi clients' "localhost:")
 
 
 def resolve_listen(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
@@ -39,6 +45,31 @@ def listen(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def local_address(path: str) -> str:
+    """The unix socket address of a local socket named `path`: on Linux, as indiserver and
+    libindi clients name it, in the abstract namespace (no file: nothing to clean up, nothing
+    left behind by a crash); elsewhere, the file itself."""
+    return "\0" + path if sys.platform.startswith("linux") else path
+
+
+def listen_local(path: str) -> socket.socket:
+    """indiserver's local socket (`-u`): libindi clients given "localhost:" or "localhost:/path"
+    connect here and receive BLOBs as shared buffers. One socket, shared by every gateway.
+    OSError (EADDRINUSE) if another server has it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        address = local_address(path)
+        if not address.startswith("\0") and os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a dead server's socket file (never any other kind of file)
+        sock.bind(address)
         sock.listen(BACKLOG)
     except OSError:
         sock.close()

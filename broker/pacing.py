@@ -17,7 +17,11 @@ read meanwhile are already on their way (and would be dropped on arrival). So an
 keeps a window: it stops reading a driver with more than BLOB_WINDOW bytes of BLOBs not yet handled by
 every gateway they went to. Gateways say DONE for each BLOB they handle (queued or dropped: they
 never wait for a client), and the broker tells the owner when a BLOB is done everywhere. That
-bounds what is in flight between processes, so memory stays bounded too. A paused owner still
+bounds what is in flight between processes, so memory stays bounded too. The owner is told in
+the order it sent them (a BLOB done before an older one is told after it): its n-th DONE of a
+device means its n oldest BLOBs of that device are done, so it knows when it may close a shared
+buffer that every peer has taken (workers/sharedblob.py); a shared buffer's peers are all its
+targets, not gateways only, and each says DONE once it has taken it. A paused owner still
 reads its driver up to the next BLOB and holds it ready (the driver worker), so a pause costs
 the clients no time once it ends.
 
@@ -48,19 +52,23 @@ class BlobPacing:
         self._numbers = itertools.count()
 
     # -- the window ---------------------------------------------------------------------------
-    def routed(self, device: str, gateways: Collection[bytes]) -> bool:
-        """A BLOB of `device` went to `gateways`: True when it is done already (none of them)."""
-        if not gateways:
-            return True
+    def routed(self, device: str, gateways: Collection[bytes]) -> int:
+        """A BLOB of `device` went to `gateways`: how many of the device's BLOBs are now done,
+        oldest first (1 when it went nowhere and none older is waiting, else 0)."""
+        waiting = self.outstanding.get(device)
+        if not gateways and not waiting:
+            return 1
         number = next(self._numbers)
-        self.outstanding.setdefault(device, {})[number] = len(gateways)
+        if waiting is None:
+            waiting = self.outstanding[device] = {}
+        waiting[number] = len(gateways)
         for gateway in gateways:
             self.owed.setdefault((gateway, device), deque()).append(number)
-        return False
+        return self._done_in_order(device) if not gateways else 0
 
     def done(self, gateway: bytes, device: str) -> int:
         """`gateway` handled its oldest BLOB of `device` (each gateway handles them in order):
-        1 when that BLOB is now done by every gateway it went to, else 0."""
+        how many of the device's oldest BLOBs that made done by every gateway they went to."""
         numbers = self.owed.get((gateway, device))
         if not numbers:
             return 0
@@ -70,14 +78,22 @@ class BlobPacing:
         return self._settle(device, number)
 
     def _settle(self, device: str, number: int) -> int:
+        self.outstanding[device][number] -= 1
+        return self._done_in_order(device)
+
+    def _done_in_order(self, device: str) -> int:
+        """Drop the device's oldest BLOBs that are done (numbers ascend in insertion order)."""
         waiting = self.outstanding[device]
-        waiting[number] -= 1
-        if waiting[number]:
-            return 0
-        del waiting[number]
+        count = 0
+        while waiting:
+            number, left = next(iter(waiting.items()))
+            if left:
+                break
+            del waiting[number]
+            count += 1
         if not waiting:
             del self.outstanding[device]
-        return 1
+        return count
 
     def on_full(self, peer: bytes, device: str, targets: Collection[bytes]) -> bool:
         """`peer` is full for `device`, whose BLOBs go to `targets`: True when the owner should

@@ -94,7 +94,8 @@ class Broker:
         self._awaiting: dict[str, list[tuple[float, bytes, bytes]]] = {}
         self._awaiting_bytes = 0
         self._verbs: dict[bytes, Handler] = {
-            wire.HB: self._on_heartbeat, wire.DEF: self._on_driver_output, wire.SET: self._on_driver_output,
+            wire.HB: self._on_heartbeat, wire.ECHO: self._on_echo,
+            wire.DEF: self._on_driver_output, wire.SET: self._on_driver_output,
             wire.DEL: self._on_driver_output, wire.MSG: self._on_driver_output, wire.SNOOP: self._on_snoop,
             wire.GETP: self._on_get_properties, wire.NEW: self._on_new, wire.FLOW: self._on_flow,
             wire.SUB: self._on_sub,
@@ -277,6 +278,10 @@ class Broker:
                     self.on_change()  # a new worker in `status`; figures refresh with the file
                 self._host_reports[ident] = report
 
+    def _on_echo(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
+                 payload: Payload) -> None:
+        self._queue(ident, head, payload)
+
     def _on_driver_output(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                           payload: Payload) -> None:
         """DEF SET DEL MSG: to every interested peer; a DEF claims its device, a whole-device DEL
@@ -302,16 +307,20 @@ class Broker:
         elif verb == wire.DEL and device and not name:
             table.release(ident, device)
             self.on_change()
-        blob = flags == wire.FLAG_BLOB
+        shared = flags == wire.FLAG_SHARED
+        blob = shared or flags == wire.FLAG_BLOB
         targets = table.targets(device, name, blob)
         if blob and device and self._host_of:
             targets = self._bound_host_blobs(targets, device, len(payload))
         for target in targets:
             self._queue(target, head, payload)
         if blob and device:
-            gateways = [t for t in targets if table.peers[t].role == "gateway"]
-            if self.pacing.routed(device, gateways):
-                self._flow(ident, device, wire.FLOW_DONE)
+            # A shared buffer's every taker says DONE once it has it (its owner then closes it);
+            # of a BLOB in the message itself, gateways only (pacing).
+            takers = targets if shared else [t for t in targets if table.peers[t].role == "gateway"]
+            done = self.pacing.routed(device, takers)
+            if done:
+                self._flow(ident, device, wire.FLOW_DONE, done)
 
     def _bound_host_blobs(self, targets: list[bytes], device: str, size: int) -> list[bytes]:
         """A joined host's gateway is sent at most HOST_BLOB_BYTES of BLOBs it has not yet said

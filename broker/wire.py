@@ -24,18 +24,25 @@ WHO        broker → worker: "I do not know you" (after a broker restart): say 
 SUB        replace this peer's interests: payload is `encode_interests()`
 HB         heartbeat, both directions; any traffic also counts as one. A joined host's worker puts
            its status in the payload (JSON: its role, pid, CPU, memory, drivers), for `status`
+ECHO       sent back to its sender as it came: after everything the sender sent before it (a
+           gateway answers a client's ping this way while its interests are on their way)
 GETP       getProperties from a client or a snooping driver: to the owner, or every driver
 NEW        a client's new*Vector: to the device's owner only
-DEF SET    a driver's def*/set*Vector: to every peer interested (flag ``B``: a setBLOBVector)
+DEF SET    a driver's def*/set*Vector: to every peer interested (flag ``B``: a setBLOBVector;
+           ``S``: a setBLOBVector whose BLOBs are shared buffers its owner holds, referenced in
+           the payload (workers/sharedblob.py): every peer it goes to says DONE once it has
+           taken them, and the owner closes them when the broker says they are done)
 DEL MSG    a driver's delProperty / message (MSG without a device goes to every gateway)
 SNOOP      a set*/def*/del/message from a *client* (a chained server relaying its devices):
            to snooping drivers only, never on to clients or bridges (so it cannot circle)
 FLOW       BLOB pacing (broker/pacing.py). Gateway → broker: flags ``1``: the next BLOB of
            (device, name) would be dropped for a client of mine that wants it and is still
            draining; ``0``: there is room again; ``D``: I have handled one BLOB of the
-           device. Broker → the device's owner: ``1`` pause reading that device's driver (every
-           peer that wants its BLOBs is full), ``0`` read it again, ``D`` one more of its BLOBs
-           has been handled by every gateway it went to (the owner's window moves on).
+           device (any peer, of a shared BLOB: I have taken its buffers). Broker → the
+           device's owner: ``1`` pause reading that device's driver (every peer that wants
+           its BLOBs is full), ``0`` read it again, ``D`` one more of its BLOBs
+           has been handled by every gateway it went to (the owner's window moves on), told in
+           the order the owner sent them.
 =========  ===================================================================================
 """
 
@@ -46,18 +53,20 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
-    "WIRE_VERSION", "HELLO", "WHO", "SUB", "HB", "GETP", "NEW", "DEF", "SET", "DEL", "MSG", "SNOOP",
-    "FLOW", "FLAG_BLOB", "FLOW_FULL", "FLOW_OPEN", "FLOW_DONE", "WANT_PLAIN", "WANT_BLOB", "DRIVER_OUTPUT",
+    "WIRE_VERSION", "HELLO", "WHO", "SUB", "HB", "ECHO", "GETP", "NEW", "DEF", "SET", "DEL", "MSG", "SNOOP",
+    "FLOW", "FLAG_BLOB", "FLAG_SHARED", "FLOW_FULL", "FLOW_OPEN", "FLOW_DONE", "WANT_PLAIN", "WANT_BLOB",
+    "DRIVER_OUTPUT",
     "header", "parse_header", "hello_payload", "parse_hello", "encode_interests", "decode_interests",
     "record", "unpack",
 ]
 
-WIRE_VERSION = 6
+WIRE_VERSION = 7
 
 HELLO = b"HELLO"
 WHO = b"WHO"
 SUB = b"SUB"
 HB = b"HB"
+ECHO = b"ECHO"
 GETP = b"GETP"
 NEW = b"NEW"
 DEF = b"DEF"
@@ -70,6 +79,7 @@ FLOW = b"FLOW"
 DRIVER_OUTPUT = frozenset({DEF, SET, DEL, MSG})
 
 FLAG_BLOB = b"B"
+FLAG_SHARED = b"S"  # a setBLOBVector whose BLOBs are shared buffers (see DEF SET above)
 FLOW_FULL = b"1"
 FLOW_OPEN = b"0"
 FLOW_DONE = b"D"

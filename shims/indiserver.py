@@ -8,9 +8,10 @@ can start this instead, unchanged::
 
 As indiserver: every interface is served (not only localhost), `-r` bounds a crashing driver's
 restarts (ours back off between them and forgive a driver that ran stably), `-f` accepts
-`start`/`stop` lines. `-u` (indiserver's local socket) is accepted and ignored.
+`start`/`stop` lines, `-u` names the local socket (abstract, `/tmp/indiserver` by default), and
+the server exits with status 1 once no driver is left (without `-f`).
 
-The port listens first thing, before the rest of indibroker is imported (KStars connects the
+The port and the local socket listen first thing, before the rest of indibroker is imported (KStars connects the
 moment it has launched the server; see broker/listening.py): this module imports only that at
 its top.
 """
@@ -21,7 +22,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from indibroker.broker.listening import INDI_PORT, listen
+from indibroker.broker.listening import INDI_PORT, INDISERVER_LOCAL_SOCKET, listen, listen_local
 
 if TYPE_CHECKING:
     from indibroker.broker.config import Config
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"drop streaming BLOBs for a client this many MB behind ({Config.blob_drop_mb:g})")
     parser.add_argument("-f", dest="fifo", help="FIFO for dynamic start and stop of drivers")
     parser.add_argument("-l", dest="log_dir", help="directory for driver logs")
-    parser.add_argument("-u", dest="unix_socket", help="ignored (indiserver's local socket path)")
+    parser.add_argument("-u", dest="unix_socket", default=INDISERVER_LOCAL_SOCKET,
+                        help=f"local socket for clients on this machine ({INDISERVER_LOCAL_SOCKET})")
     parser.add_argument("-v", action="count", default=0, dest="verbose")
     parser.add_argument("drivers", nargs="*", metavar="driver",
                         help="executable, or [device]@host[:port] for a remote server")
@@ -62,7 +64,8 @@ def config_from_indiserver_args(argv: list[str]) -> Config:
     config = Config(host="0.0.0.0", port=args.port, demo=False, client_max_mb=args.client_max_mb,
                     blob_drop_mb=args.blob_drop_mb, fifo=args.fifo, log_dir=args.log_dir,
                     log_level=("INFO", "INFO", "DEBUG", "TRACE")[min(args.verbose, 3)],
-                    exit_when_no_drivers=not args.fifo, indiserver_messages=True)
+                    exit_when_no_drivers=not args.fifo, indiserver_messages=True,
+                    local_socket=args.unix_socket)
     config.restart["max_restarts"] = args.restarts
     for driver in args.drivers:
         if "@" in driver:
@@ -86,6 +89,17 @@ def _early_port(argv: list[str]) -> int | None:
     return int(port) if port.isdigit() else None
 
 
+def _early_local_socket(argv: list[str]) -> str:
+    """indiserver's `-u PATH`, as `_early_port` takes `-p`."""
+    path = INDISERVER_LOCAL_SOCKET
+    for i, arg in enumerate(argv):
+        if arg == "-u" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("-u") and len(arg) > 2:
+            path = arg[2:]
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     port = _early_port(args)
@@ -93,17 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         listener = listen("0.0.0.0", port) if port is not None and "-h" not in args else None
     except OSError:
         listener = None
+    try:  # a socket another server has is reported by `serve`, as indiserver exits then
+        local = listen_local(_early_local_socket(args)) if listener is not None else None
+    except OSError:
+        local = None
     from indibroker.broker.cli import serve
     from indibroker.broker.errors import IndibrokerError
 
     try:
-        return serve(config_from_indiserver_args(args), listener)
+        return serve(config_from_indiserver_args(args), listener, local)
     except IndibrokerError as exc:
         sys.stderr.write(f"indibroker-indiserver: {exc}\n")
         return 1
     finally:
-        if listener is not None:
-            listener.close()
+        for sock in (listener, local):
+            if sock is not None:
+                sock.close()
 
 
 if __name__ == "__main__":

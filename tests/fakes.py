@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from indibroker.broker import wire
 from indibroker.broker.config import Config
 from indibroker.broker.runtime import RuntimeDir
 from indibroker.workers.reactor import Reactor
@@ -34,6 +35,8 @@ class FakeBackbone:
     """Records what a worker sends the broker (a `BackboneLink`)."""
 
     sent: list[Sent] = field(default_factory=list)
+    # The worker's on_backbone: an ECHO is answered through it, as the broker answers one.
+    worker: Callable[[bytes, str, str, bytes, bytes], None] | None = None
     interest_updates: int = 0
     hellos: int = 0
     closed: bool = False
@@ -41,6 +44,8 @@ class FakeBackbone:
     def send(self, verb: bytes, device: str = "", name: str = "", flags: bytes = b"",
              payload: bytes = b"") -> None:
         self.sent.append(Sent(verb, device, name, flags, bytes(payload)))
+        if verb == wire.ECHO and self.worker is not None:
+            self.worker(verb, device, name, flags, bytes(payload))
 
     def update_interests(self) -> None:
         self.interest_updates += 1

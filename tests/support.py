@@ -5,6 +5,8 @@ Everything waits on conditions with deadlines, never on fixed sleeps.
 
 from __future__ import annotations
 
+import base64
+import collections
 import contextlib
 import itertools
 import os
@@ -51,12 +53,24 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class RawClient:
-    """A raw INDI client: a TCP socket and our own codec, every element kept in order."""
+    """A raw INDI client: a TCP socket (or, with `local`, the server's local socket, as libindi
+    clients use it: BLOBs arrive as attached buffers, SCM_RIGHTS) and our own codec, every
+    element kept in order."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None):
-        """`source`: the local address to connect from (another loopback address, for access rules)."""
-        self.sock = socket.create_connection((host, port), timeout=5,
-                                             source_address=(source, 0) if source else None)
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", source: str | None = None,
+                 local: str | None = None):
+        """`source`: the local address to connect from (another loopback address, for access rules).
+        `local`: the local socket's path (abstract namespace, as indiserver's `-u`)."""
+        if local is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(5)
+            self.sock.connect("\0" + local)
+        else:
+            self.sock = socket.create_connection((host, port), timeout=5,
+                                                 source_address=(source, 0) if source else None)
+        self.local = local is not None
+        self.fds: collections.deque[int] = collections.deque()  # buffers received, not yet bound
+        self.attached: dict[int, list[bytes]] = {}  # element index -> its attached BLOBs' bytes
         self.sock.setblocking(False)
         self.decoder = StreamDecoder()
         self.elements: list[Element] = []
@@ -85,7 +99,11 @@ class RawClient:
             if not ready:
                 break
             try:
-                data = self.sock.recv(1 << 20)
+                if self.local:
+                    data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 16)
+                    self.fds.extend(fds)
+                else:
+                    data = self.sock.recv(1 << 20)
             except BlockingIOError:
                 continue
             except OSError:
@@ -95,12 +113,38 @@ class RawClient:
                 break
             self.received_bytes += len(data)
             new = self.decoder.feed(data)
+            if self.local:
+                self._bind_buffers(new, len(self.elements))
             self.elements.extend(new)
             self.arrivals.extend([time.time()] * len(new))
             self.times.extend([time.monotonic()] * len(new))
             if first and len(self.elements) > before:
                 break
         return len(self.elements) - before
+
+    def _bind_buffers(self, new: list[Element], first: int) -> None:
+        """Each attached oneBLOB takes the next buffer received, in document order (as libindi
+        clients bind them); its `size` bytes are kept, the descriptor closed."""
+        for i, el in enumerate(new):
+            attached = [one for one in el.root if one.get("attached") == "true"]
+            if el.tag != "setBLOBVector" or not attached:
+                continue
+            blobs = []
+            for one in attached:
+                assert self.fds, f"attached {one.get('name')} came without its buffer"
+                fd = self.fds.popleft()
+                try:
+                    blobs.append(os.pread(fd, int(one.get("size")), 0))
+                finally:
+                    os.close(fd)
+            self.attached[first + i] = blobs
+
+    def blobs(self, index: int) -> list[bytes]:
+        """The BLOBs of element `index` (a setBLOBVector), as bytes: its buffers' contents on
+        the local socket, its base64 decoded on TCP."""
+        if index in self.attached:
+            return self.attached[index]
+        return [base64.b64decode("".join((one.text or "").split())) for one in self.elements[index].root]
 
     def wait_for(self, pred: Callable[[Element], bool], timeout: float = 10.0, start: int = 0,
                  what: str = "element") -> Element:
@@ -131,6 +175,8 @@ class RawClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+        while self.fds:
+            os.close(self.fds.popleft())
 
 
 def matches(e: Element, tag: str | None = None, device: str | None = None, name: str | None = None) -> bool:

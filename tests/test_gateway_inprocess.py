@@ -39,7 +39,7 @@ def make_gateway(tmp_path) -> Iterator[Make]:
     def make(**changes) -> Gateway:
         settings = dataclasses.replace(config().gateway_settings(0), **changes)
         gw = Gateway(settings, runtime=runtime_dir(tmp_path), reactor=Reactor())
-        gw.connect(FakeBackbone())
+        gw.connect(FakeBackbone(worker=gw.on_backbone))
         gw.setup()
         made.append(gw)
         return gw

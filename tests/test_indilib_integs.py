@@ -1,8 +1,8 @@
 """indilib 1.9.9's own server integration tests (integs/, gtest) against indibroker-indiserver.
 
-Opt-in: skipped unless ``INDIBROKER_INTEGS=1``. The tests are built by tests/integs/build.sh into
-``$INTEGS_DIR`` (default /var/cache/indibroker-integs); when that build is missing this module
-runs build.sh itself if it can (root, as in CI), else skips. Each gtest case runs alone through
+Run by default (``INDIBROKER_INTEGS=0`` skips them). The tests are built by tests/integs/build.sh
+into ``$INTEGS_DIR`` (default /var/cache/indibroker-integs); when that build is missing this module
+runs build.sh itself if it can (root, as in CI: a minute or two, once), else skips. Each gtest case runs alone through
 tests/integs/run.py (its own network, PID and mount namespaces when unshare works), in both
 variants: ``plain`` (the test client connects over TCP) and ``shm`` (-DENABLE_INDI_SHARED_MEMORY,
 what upstream builds on Linux: the client connects over the local socket ``-u``).
@@ -10,8 +10,8 @@ what upstream builds on Linux: the client connects over the local socket ``-u``)
 ``INDIBROKER_INTEGS_SERVER`` picks another server (e.g. /usr/bin/indiserver, which passes every
 case); the expected failures below apply to indibroker-indiserver only.
 
-EXPECTED_FAILURES is what failed on the day this harness was written: a list TO SHRINK. A case
-on it that passes fails this module (strict), so whoever fixes a behaviour removes its cases.
+EXPECTED_FAILURES are the cases that fail by design, each with its reason; a case on it that
+passes fails this module (strict), so the list stays true.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 INTEGS = HERE / "integs"
-ENABLED = os.environ.get("INDIBROKER_INTEGS") == "1"
+ENABLED = os.environ.get("INDIBROKER_INTEGS", "1") != "0"
 
 with warnings.catch_warnings():  # the marker is not registered in pyproject.toml (yet)
     warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
@@ -36,7 +36,7 @@ with warnings.catch_warnings():  # the marker is not registered in pyproject.tom
 
 pytestmark = [
     _integs_mark,
-    pytest.mark.skipif(not ENABLED, reason="indilib integs: set INDIBROKER_INTEGS=1 to run them"),
+    pytest.mark.skipif(not ENABLED, reason="indilib integs: INDIBROKER_INTEGS=0 skips them"),
     pytest.mark.timeout(60),
 ]
 
@@ -87,52 +87,26 @@ _TAIL = [
 # What indilib 1.9.9's integs hold, in gtest's order (checked against the build below).
 CASES = {"plain": _COMMON + _TAIL, "shm": _COMMON + _SHM_ONLY + _TAIL}
 
-# Behaviours indibroker-indiserver lacks (tests/integs/README.md has the evidence: the upstream
-# test lines for each). Each entry lists them in the order a case meets them: the first is what
-# fails today; the later ones were found with probe builds that step over the earlier ones.
-UNIX = "the -u local socket (abstract unix socket @/tmp/indi-test-server)"
+# The two differences that are by design (docs/comparison.md; tests/integs/README.md has the
+# upstream lines each case checks): every other case passes.
 TEXT = "text re-serialised as indiserver does: '>' newline trimmed-text (compared byte for byte)"
 FDCOUNT = ("/proc/<pid>/fd of the process the test started must grow by one per client: "
            "clients live in ib-gateway, not in the arbiter (by design, multi-process)")
-ATTACHED_TO_B64 = "an attached (memfd) BLOB re-encoded as base64 for TCP clients, tag without attached/enclen"
-B64_TO_ATTACHED = "a base64 BLOB handed to a local (-u) client as attached='true' + SCM_RIGHTS memfd"
-ATTACHED_PASS = "an attached (memfd) BLOB passed to a local (-u) client with SCM_RIGHTS"
 
-_FAIL_PLAIN = {
-    "IndiserverSingleDriver.DontLeakFds": [FDCOUNT],
-    "TestClientQueries.ServerForwardRequest": [TEXT],
-    "TestClientQueries.ServerForwardRequestOfHalfDeadClient": [TEXT],
-    "TestIndiSetProperties.SetFirstPropertyUntyped": [TEXT],
-    "TestIndiSetProperties.SetFirstPropertyTyped": [TEXT],
-    "TestIndiSetProperties.SetLastProperty": [TEXT],
-    "TestIndiSetProperties.SetLastPropertyTyped": [TEXT],
+_FAIL_BY_DESIGN = {
+    "IndiserverSingleDriver.DontLeakFds": FDCOUNT,
+    "TestClientQueries.ServerForwardRequest": TEXT,
+    "TestClientQueries.ServerForwardRequestOfHalfDeadClient": TEXT,
+    "TestIndiSetProperties.SetFirstPropertyUntyped": TEXT,
+    "TestIndiSetProperties.SetFirstPropertyTyped": TEXT,
+    "TestIndiSetProperties.SetLastProperty": TEXT,
+    "TestIndiSetProperties.SetLastPropertyTyped": TEXT,
 }
 
-
-# In the shm variant these cases connect their client over -u (IndiClientMock::connect/connectUnix).
-_UNIX_IN_SHM = [
-    "IndiserverSingleDriver.ReplyToPing",
-    "IndiserverSingleDriver.DontLeakFds",
-    "IndiserverSingleDriver.DontForwardUnaskedBlobDefToClient",
-    "IndiserverSingleDriver.DontForwardOtherBlobDefToClient",
-    "IndiserverSingleDriver.DropMisbehavingDriver",
-    "TestClientQueries.ServerForwardRequest",
-    "TestClientQueries.ServerForwardRequestOfHalfDeadClient",
-]
-_FAIL_SHM = {
-    **{case: why for case, why in _FAIL_PLAIN.items()},
-    **{case: [UNIX, *_FAIL_PLAIN.get(case, [])] for case in _UNIX_IN_SHM},
-    "IndiserverSingleDriver.ForwardBase64BlobToUnixClient": [UNIX, B64_TO_ATTACHED],
-    "IndiserverSingleDriver.ForwardAttachedBlobToUnixClient": [UNIX, ATTACHED_PASS],
-    "IndiserverSingleDriver.ForwardAttachedBlobToIPClient": [ATTACHED_TO_B64, TEXT],
-}
-
-# TO SHRINK: measured 2026-12 against indibroker-indiserver, 8 of 29 server cases pass (drivers on a
-# socketpair with attached BLOBs read, the exit rule, the start-up order and held commands are done).
-# FDCOUNT and TEXT are by design (docs/comparison.md); UNIX and the attached-BLOB forms remain.
+# Measured 2026-12 against indibroker-indiserver: 15 of 29 server cases pass; these 14 fail, by
+# design, and only these (a case here that passes fails the test, so the list stays true).
 EXPECTED_FAILURES: dict[tuple[str, str], list[str]] = {
-    **{("plain", case): why for case, why in _FAIL_PLAIN.items()},
-    **{("shm", case): why for case, why in _FAIL_SHM.items()},
+    (variant, case): [why] for variant in ("plain", "shm") for case, why in _FAIL_BY_DESIGN.items()
 }
 
 

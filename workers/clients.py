@@ -1,5 +1,5 @@
-"""A gateway's TCP client connections: accepted and admitted (`Admission`), then read, decoded,
-written and dropped (`Connections`).
+"""A gateway's client connections, TCP and the local socket: accepted and admitted (`Admission`),
+then read, decoded, written and dropped (`Connections`).
 
 What a client sends is decoded here and handed on element by element (the gateway routes it); what
 the gateway delivers is queued here, per client, byte-accounted, and written with one `writev` per
@@ -29,21 +29,23 @@ import os
 import random
 import resource
 import socket
+import struct
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
 
 from indibroker.broker.errors import MalformedInput
-from indibroker.broker.listening import listen
+from indibroker.broker.listening import listen, listen_local
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi
 from indibroker.workers.codec import Element, StreamDecoder
 from indibroker.workers.interest import Interest
-from indibroker.workers.outqueue import OutQueue
+from indibroker.workers.outqueue import Attached, OutQueue
 from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import GatewaySettings
+from indibroker.workers.sharedblob import SharedFd
 
-__all__ = ["Admission", "Client", "Connections", "ConnectionSlots", "host_of"]
+__all__ = ["Admission", "Client", "Connections", "ConnectionSlots", "host_of", "LOCAL_HOST"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ _NO_FDS = (errno.EMFILE, errno.ENFILE)
 _ACCEPT_SKIP = (errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH)
 NO_FDS_TEXT = "indibroker: server out of file descriptors; connection refused"
+# A client of the local socket is on this machine: the access rules see it as a TCP client of
+# this machine would be seen, from the loopback address.
+LOCAL_HOST = "127.0.0.1"
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def host_of(peer: str) -> str:
@@ -115,12 +121,14 @@ class Client:
     """One connection: its descriptor alone (a socket object would cost more than the rest of an
     idle client), and what it is owed."""
 
-    __slots__ = ("fd", "peer", "decoder", "out", "interest", "blobs_dropped", "closed",
+    __slots__ = ("fd", "peer", "host", "local", "decoder", "out", "interest", "blobs_dropped", "closed",
                  "write_dead", "slot", "host_slot", "dirty", "partial")
 
-    def __init__(self, fd: int, peer: str):
+    def __init__(self, fd: int, peer: str, host: str = "", local: bool = False):
         self.fd = fd
-        self.peer = peer
+        self.peer = peer  # "address:port", or "local:PID" on the local socket
+        self.host = host or host_of(peer)  # the address the access rules judge
+        self.local = local  # on the local socket: BLOBs go to it as shared buffers
         self.decoder: StreamDecoder | None = None  # made when input arrives, dropped when idle
         self.out: OutQueue | None = None  # made when output is queued, dropped when written
         self.interest = Interest()  # what it asked for: read and written by the gateway's routing
@@ -134,17 +142,20 @@ class Client:
 
 
 class Admission:
-    """Who gets in: the listener, a connection slot each when `maxconnections` is set (waiting
-    `ADMIT_GRACE` for one, then refused with an INDI message), and refusal, not a hang or a spin,
-    when the gateway is out of descriptors. An admitted socket is handed to `admit`."""
+    """Who gets in: the listeners (the TCP port, and the local socket when there is one), a
+    connection slot each when `maxconnections` is set (waiting `ADMIT_GRACE` for one, then
+    refused with an INDI message), and refusal, not a hang or a spin, when the gateway is out of
+    descriptors. An admitted socket is handed to `admit` (socket, peer, host, local, slot,
+    address slot)."""
 
     def __init__(self, settings: GatewaySettings, reactor: Reactor, slots_dir: Path,
-                 admit: Callable[[socket.socket, str, int, int], None], clients: Sized):
+                 admit: Callable[[socket.socket, str, str, bool, int, int], None], clients: Sized):
         self.settings = settings
         self.access = settings.access
         self.reactor = reactor
         self.maxconnections = settings.maxconnections  # 0: unlimited
-        self.listener: socket.socket | None = None
+        self.listener: socket.socket | None = None  # the TCP port
+        self.local_listener: socket.socket | None = None  # the local socket (`-u`)
         self.slots: ConnectionSlots | None = None
         self._slots_dir = slots_dir
         self._admit_socket = admit
@@ -155,31 +166,43 @@ class Admission:
         self._refused_unreported = 0  # ... since "accepting again" was last said
         self._warn = RateLimitedLog(log, WARN_INTERVAL)
 
+    @property
+    def listeners(self) -> list[socket.socket]:
+        return [s for s in (self.listener, self.local_listener) if s is not None and s.fileno() >= 0]
+
     def start(self) -> socket.socket:
         """Listen (and take the connection slots' directory, with maxconnections)."""
         if self.maxconnections:
             self.slots = ConnectionSlots(self._slots_dir, self.maxconnections)
-        fd = self.settings.listen_fd
-        # The arbiter's listening socket, inherited (it listened before anything else started);
+        settings = self.settings
+        # The arbiter's listening sockets, inherited (it listened before anything else started);
         # a gateway built on its own (tests) listens itself.
-        self.listener = socket.socket(fileno=fd) if fd >= 0 else listen(self.settings.host, self.settings.port)
-        self.listener.setblocking(False)
+        fd = settings.listen_fd
+        self.listener = socket.socket(fileno=fd) if fd >= 0 else listen(settings.host, settings.port)
+        if settings.local_fd >= 0:
+            self.local_listener = socket.socket(fileno=settings.local_fd)
+        elif settings.local_socket:
+            self.local_listener = listen_local(settings.local_socket)
         self._reserve = open_reserve()
-        self.reactor.add_reader(self.listener.fileno(), lambda _fd: self._accept())
+        self._watch_listeners()
         return self.listener
 
+    def _watch_listeners(self) -> None:
+        for listener in self.listeners:
+            listener.setblocking(False)
+            self.reactor.add_reader(listener.fileno(), lambda _fd, sock=listener: self._accept(sock))
+
     def close(self) -> None:
-        if self.listener is not None:
-            self.reactor.forget(self.listener.fileno())
-            self.listener.close()
+        for listener in self.listeners:
+            self.reactor.forget(listener.fileno())
+            listener.close()
         if self._reserve >= 0:
             os.close(self._reserve)
             self._reserve = -1
 
-    def _accept(self) -> None:
-        listener = self.listener
-        assert listener is not None
+    def _accept(self, listener: socket.socket) -> None:
         ceiling = fd_ceiling()
+        local = listener is self.local_listener
         for _ in range(ACCEPTS_PER_TURN):  # level-triggered: the rest wait for the next turn
             try:
                 sock, addr = listener.accept()
@@ -187,7 +210,7 @@ class Admission:
                 return
             except OSError as exc:
                 if exc.errno in _NO_FDS:
-                    if self._refuse_with_reserve():
+                    if self._refuse_with_reserve(listener):
                         continue
                     return
                 if exc.errno in _ACCEPT_SKIP:  # that connection only
@@ -197,11 +220,11 @@ class Admission:
                                    exc, ACCEPT_PAUSE)
                 self._pause_accepting()
                 return
-            peer = f"{addr[0]}:{addr[1]}"
+            peer, host = _local_peer(sock) if local else (f"{addr[0]}:{addr[1]}", addr[0])
             if not self.access.open:
-                why = self.access.admit(addr[0])
+                why = self.access.admit(host)
                 if why is not None:  # closed at once: it never reaches the broker
-                    self._warn.warning(("refused", addr[0]), "refused %s: %s", peer, why)
+                    self._warn.warning(("refused", host), "refused %s: %s", peer, why)
                     sock.close()
                     continue
             if sock.fileno() >= ceiling:
@@ -209,19 +232,18 @@ class Admission:
                 # (status file, slot locks, the backbone), not for one more client.
                 self._refuse_no_fds(sock, peer)
                 continue
-            self._admit(sock, peer, time.monotonic() + ADMIT_GRACE)
+            self._admit(sock, peer, host, local, time.monotonic() + ADMIT_GRACE)
 
-    def _refuse_with_reserve(self) -> bool:
+    def _refuse_with_reserve(self, listener: socket.socket) -> bool:
         """accept() failed for want of a descriptor with a connection waiting: spend the reserve
         on accepting it to refuse it (left waiting, it would wake the loop at once, forever).
         True when the next waiting connection may be tried the same way."""
-        assert self.listener is not None
         if self._reserve >= 0:
             os.close(self._reserve)
             self._reserve = -1
             refused = False
             try:
-                sock, addr = self.listener.accept()
+                sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 pass  # nobody waits any more
             except OSError as exc:
@@ -230,31 +252,32 @@ class Admission:
                     self._pause_accepting()
                     return False
             else:
-                self._refuse_no_fds(sock, f"{addr[0]}:{addr[1]}")
+                self._refuse_no_fds(sock, f"{addr[0]}:{addr[1]}" if addr else "local")
                 refused = True
             self._reserve = open_reserve()
             if self._reserve >= 0:
                 return refused
-        # No reserve to spend: stop watching the listener for a moment rather than spin on it.
+        # No reserve to spend: stop watching the listeners for a moment rather than spin on them.
         self._warn.warning("fds-pause", "out of file descriptors, not even one to refuse a connection "
                            "with: new connections wait %.2f s", ACCEPT_PAUSE)
         self._pause_accepting()
         return False
 
     def _pause_accepting(self) -> None:
-        if self._accept_paused or self.listener is None:
+        if self._accept_paused or not self.listeners:
             return
         self._accept_paused = True
-        self.reactor.forget(self.listener.fileno())
+        for listener in self.listeners:
+            self.reactor.forget(listener.fileno())
         self.reactor.call_later(ACCEPT_PAUSE, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._accept_paused = False
-        if self.listener is None or self.listener.fileno() < 0:
+        if not self.listeners:
             return
         if self._reserve < 0:
             self._reserve = open_reserve()
-        self.reactor.add_reader(self.listener.fileno(), lambda _fd: self._accept())
+        self._watch_listeners()
 
     def _refuse_no_fds(self, sock: socket.socket, peer: str) -> None:
         """Out of descriptors: say so in INDI if the socket takes it at once, and close."""
@@ -266,7 +289,7 @@ class Admission:
                            self.refused_no_fds)
         _say_and_close(sock, NO_FDS_TEXT)
 
-    def _admit(self, sock: socket.socket, peer: str, deadline: float) -> None:
+    def _admit(self, sock: socket.socket, peer: str, host: str, local: bool, deadline: float) -> None:
         """Take a connection slot; when all are taken, wait a moment (a client that has just
         closed may not have been noticed yet), then refuse."""
         slot = -1
@@ -282,7 +305,7 @@ class Admission:
                 return
             if taken is None:
                 if time.monotonic() < deadline:
-                    self.reactor.call_later(0.05, lambda: self._admit(sock, peer, deadline))
+                    self.reactor.call_later(0.05, lambda: self._admit(sock, peer, host, local, deadline))
                 else:
                     self._refuse(sock, peer)
                 return
@@ -293,7 +316,6 @@ class Admission:
             slot = taken
         host_slot = -1
         if self.access.max_per_address:
-            host = host_of(peer)
             try:
                 host_slot = ConnectionSlots(self._slots_dir / "by-address" / host.replace("/", "_"),
                                             self.access.max_per_address).take() or -1
@@ -315,7 +337,7 @@ class Admission:
             if self._warn.log(logging.INFO, "fds-ok", "accepting connections again (%d refused for "
                               "want of file descriptors)", self._refused_unreported):
                 self._refused_unreported = 0
-        self._admit_socket(sock, peer, slot, host_slot)
+        self._admit_socket(sock, peer, host, local, slot, host_slot)
 
     def _refuse(self, sock: socket.socket, peer: str) -> None:
         """Over maxconnections: say why in INDI, then close (no reset: the client reads it)."""
@@ -369,11 +391,12 @@ class Connections:
         for client in list(self.clients.values()):
             self.drop(client, "server stopping", level=logging.DEBUG)
 
-    def _add(self, sock: socket.socket, peer: str, slot: int, host_slot: int) -> None:
+    def _add(self, sock: socket.socket, peer: str, host: str, local: bool, slot: int, host_slot: int) -> None:
         """An admitted connection becomes a client (its socket object goes: the fd is kept)."""
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = Client(sock.detach(), peer)
+        if not local:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = Client(sock.detach(), peer, host, local)
         client.slot = slot
         client.host_slot = host_slot
         self.clients[client.fd] = client
@@ -437,16 +460,18 @@ class Connections:
             if worst is None or not worst.partial:
                 return
             self._warn.warning(
-                ("partial", host_of(worst.peer)),
+                ("partial", worst.host),
                 "client %s dropped: it held %d bytes of an unfinished element, the most of any "
                 "client, and all clients together held %d, over max_partial_bytes (%d)",
                 worst.peer, worst.partial, self.partial_total, self.max_partial_bytes)
             self.drop(worst, "unfinished input over max_partial_bytes", level=logging.DEBUG)
 
     # -- output -----------------------------------------------------------------------------
-    def deliver(self, client: Client, data: bytes | memoryview, blob: bool) -> None:
+    def deliver(self, client: Client, data: bytes | memoryview, blob: bool,
+                buffers: Sequence[SharedFd] = ()) -> None:
         """Queue `data` for `client`, written at the end of this turn; a streaming BLOB is dropped
-        past `blob_drop_bytes` of backlog, and the client itself past `max_queue_bytes`."""
+        past `blob_drop_bytes` of backlog (shared buffers queued for it count), and the client
+        itself past `max_queue_bytes`. `buffers` go with `data` to a local-socket client."""
         if client.write_dead:
             return
         out = client.out
@@ -464,7 +489,7 @@ class Connections:
                             client.peer, queued, client.blobs_dropped)
             return
         was_empty = not out
-        out.push(data)
+        out.push(Attached(bytes(data), buffers) if buffers else data)
         if was_empty and not client.dirty:
             # One writev per client per turn of the loop, however many messages it got.
             client.dirty = True
@@ -509,12 +534,14 @@ class Connections:
             return
         client.closed = True
         if level >= logging.WARNING:  # a peer can make these repeat (reconnect and do it again)
-            host = host_of(client.peer)
+            host = client.host
             self._warn.log(level, (why.partition(":")[0], host), "client %s dropped: %s", client.peer, why)
         else:
             log.log(level, "client %s dropped: %s", client.peer, why)
         self.reactor.forget(client.fd)
         self.clients.pop(client.fd, None)
+        if client.out is not None:
+            client.out.clear()  # gives up the shared buffers it held
         client.out = None
         client.decoder = None
         if client.partial:
@@ -529,6 +556,16 @@ class Connections:
                 os.close(lock)
         client.slot = client.host_slot = -1
         self._dropped(client)
+
+
+def _local_peer(sock: socket.socket) -> tuple[str, str]:
+    """A local socket client's name for logs ("local:PID", from SO_PEERCRED) and its address for
+    the access rules (LOCAL_HOST)."""
+    try:
+        pid, _uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except OSError:
+        pid = 0
+    return f"local:{pid}", LOCAL_HOST
 
 
 def _say_and_close(sock: socket.socket, text: str) -> None:

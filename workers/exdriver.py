@@ -22,11 +22,13 @@ in bytes, so a driver that stops reading cannot grow our memory or block anyone 
 from __future__ import annotations
 
 import base64
+import collections
 import logging
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from indibroker.broker import wire
 from indibroker.broker.oscalls import describe_exit
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.supervision import Lifecycle
-from indibroker.workers import indi
+from indibroker.workers import indi, sharedblob
 from indibroker.workers.base import Worker
 from indibroker.workers.codec import Element, StreamDecoder
 from indibroker.workers.driverpacing import MAX_PAUSE, DriverPacer, PauseTimer
@@ -57,9 +59,18 @@ __all__ = ["ExDriverWorker", "Driver"]
 
 log = logging.getLogger(__name__)
 
+MAX_HELD_BUFFERS = 256  # shared BLOB buffers a driver may have waiting for their DONE
 ORPHAN_STOP_TIMEOUT = 1.0  # the arbiter died: a new instance may be starting, so be gone at once
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, before drivers define again
 RESTART_POLL = 0.2  # an operator's restart: how often to look whether the old process is gone
+
+
+@dataclass(frozen=True, slots=True)
+class SharedElement(Element):
+    """A setBLOBVector whose BLOBs are shared buffers we hold (workers/sharedblob.py)."""
+
+    buffers: tuple[int, ...] = ()
+    blob_bytes: int = 0  # their size: what the pacing window counts
 
 
 def is_blob(el: Element) -> bool:
@@ -81,6 +92,26 @@ class Driver:
         self.restart_timer: Timer | None = None
         self.unfinished_timer: Timer | None = None  # armed while an element is half-read
         self.malformed = 0
+        # Per device, the shared buffers of each BLOB sent and not yet done everywhere (an empty
+        # tuple for a BLOB in base64), oldest first: the broker's DONEs come in this order.
+        self.held: dict[str, collections.deque[tuple[int, ...]]] = {}
+        self.held_count = 0  # buffers in `held`
+
+    def close_held(self, device: str, count: int = 1) -> None:
+        """The oldest `count` BLOBs of `device` are done everywhere: close their buffers."""
+        queue = self.held.get(device)
+        for _ in range(count):
+            if not queue:
+                return
+            for fd in queue.popleft():
+                os.close(fd)
+                self.held_count -= 1
+        if not queue:
+            self.held.pop(device, None)
+
+    def close_all_held(self) -> None:
+        for device in list(self.held):
+            self.close_held(device, len(self.held[device]))
 
     @property
     def name(self) -> str:
@@ -148,6 +179,10 @@ class ExDriverWorker(Worker):
                 self._start(driver)
 
     def registered_again(self) -> None:
+        # What was on its way through the old broker will get no DONE: its buffers close now
+        # (a consumer that has not taken one yet loses that BLOB).
+        for driver in self.drivers.values():
+            driver.close_all_held()
         # A new broker may have lost requests sent while it was down (a client's getProperties):
         # have every driver define its properties again once the gateways are registered too.
         self.reactor.call_later(REDEFINE_DELAY, self._redefine_all)
@@ -304,46 +339,53 @@ class ExDriverWorker(Worker):
         pacer = driver.pacer
         for element in elements:
             if element.tag == "setBLOBVector" and b"attached" in element.raw:
-                inlined = self._inline_buffers(driver, element)
-                if inlined is None:
+                shared = self._share_buffers(driver, element)
+                if shared is None:
                     return  # the driver is being dropped
-                element = inlined
+                element = shared
             if pacer.admit(element):
                 self._from_driver(driver, element)
         if not pacer.should_read:
             driver.process.read_stdout(False)  # a BLOB is held: the driver waits on its pipe
 
-    def _inline_buffers(self, driver: Driver, el: Element) -> Element | None:
+    def _share_buffers(self, driver: Driver, el: Element) -> Element | None:
         """A libindi driver on its socketpair passes each BLOB as a memory buffer, bound to its
-        `attached="true"` oneBLOBs in document order: what clients and snooping drivers are sent
-        is the same BLOB in base64, as a driver on a pipe writes it (encoded once, here). A driver
-        that says `attached` without a buffer is dropped, as indiserver drops it."""
+        `attached="true"` oneBLOBs in document order. We keep each buffer open and name it in
+        the message (workers/sharedblob.py): consumers take it from there, and it is closed when
+        the broker says every one has. A driver that says `attached` without a buffer is
+        dropped, as indiserver drops it. Past MAX_HELD_BUFFERS (DONEs that do not come) the
+        BLOB goes in base64 instead."""
         buffers = driver.process.buffers
-        changed = False
-        for one in el.root:
-            if one.get("attached") != "true":
-                continue
-            if not buffers:
-                log.error("driver %s: attached BLOB %s without its buffer (Missing shared buffer): "
-                          "dropping the driver", driver.name, one.get("name"))
-                driver.process.kill()
-                return None
-            fd = buffers.popleft()
-            try:
-                size = int(one.get("size") or 0)
-                data = os.pread(fd, size, 0) if size > 0 else b""
-            except (OSError, ValueError) as exc:
-                log.error("driver %s: its BLOB buffer cannot be read (%s): dropping the driver", driver.name, exc)
-                driver.process.kill()
-                return None
-            finally:
+        attached = [one for one in el.root if one.get("attached") == "true"]
+        if len(buffers) < len(attached):
+            log.error("driver %s: attached BLOB %s without its buffer (Missing shared buffer): "
+                      "dropping the driver", driver.name, attached[len(buffers)].get("name"))
+            driver.process.kill()
+            return None
+        fds = [buffers.popleft() for _ in attached]
+        try:
+            sizes = [int(one.get("size") or 0) for one in attached]
+            if any(os.fstat(fd).st_size < size for fd, size in zip(fds, sizes, strict=True)):
+                raise ValueError("its buffer is smaller than the size it gives")
+            if driver.held_count + len(fds) > MAX_HELD_BUFFERS:
+                self._warn.warning(("held", driver.name), "driver %s: %d BLOB buffers not yet taken "
+                                   "by every consumer: sending this one in base64", driver.name,
+                                   driver.held_count)
+                for one, fd, size in zip(attached, fds, sizes, strict=True):
+                    del one.attrib["attached"]
+                    one.text = base64.b64encode(os.pread(fd, size, 0)).decode("ascii") if size else ""
+                for fd in fds:
+                    os.close(fd)
+                return Element(etree.tostring(el.root), el.root)
+            for one, fd in zip(attached, fds, strict=True):
+                one.set(sharedblob.SHARED_ATTR, sharedblob.reference(fd))
+        except (OSError, ValueError) as exc:
+            for fd in fds:
                 os.close(fd)
-            encoded = base64.b64encode(data)
-            del one.attrib["attached"]
-            one.set("enclen", str(len(encoded)))
-            one.text = encoded.decode("ascii")
-            changed = True
-        return Element(etree.tostring(el.root), el.root) if changed else el
+            log.error("driver %s: its BLOB buffer cannot be read (%s): dropping the driver", driver.name, exc)
+            driver.process.kill()
+            return None
+        return SharedElement(etree.tostring(el.root), el.root, tuple(fds), sum(sizes))
 
     def _report_faults(self, driver: Driver) -> None:
         """What the decoder skipped (bad XML, an element cut short): logged, rate-limited."""
@@ -386,9 +428,15 @@ class ExDriverWorker(Worker):
                 driver.devices.discard(device)
                 self.status_changed()
             flags = indi.blob_flag(tag)
+            size = len(el.raw)
+            if type(el) is SharedElement:
+                flags, size = wire.FLAG_SHARED, el.blob_bytes
             self.backbone.send(verb, device, name, flags, el.raw)
-            if flags == wire.FLAG_BLOB and device:
-                self._pause_timer(driver, driver.pacer.sent(device, len(el.raw)))
+            if flags and device:
+                buffers = el.buffers if type(el) is SharedElement else ()
+                driver.held.setdefault(device, collections.deque()).append(buffers)
+                driver.held_count += len(buffers)
+                self._pause_timer(driver, driver.pacer.sent(device, size))
         elif tag == "pingRequest":
             self._to_driver(driver, indi.ping_reply(el.get("uid")))
         elif tag == "getProperties":
@@ -441,6 +489,11 @@ class ExDriverWorker(Worker):
                     self._to_driver(driver, request)
         elif (verb in wire.DRIVER_OUTPUT or verb == wire.SNOOP) and device:
             blob = flags == wire.FLAG_BLOB
+            if flags == wire.FLAG_SHARED:  # snooped from a libindi driver: in base64 for ours
+                payload = self._take_shared(device, payload)
+                if not payload:
+                    return
+                blob = True
             for driver in self.drivers.values():
                 if driver.running and device not in driver.devices and \
                         (verb != wire.MSG or driver.spec.snoop_messages) and \
@@ -452,11 +505,19 @@ class ExDriverWorker(Worker):
                 return
             pacer = owner.pacer
             if flags == wire.FLOW_DONE:
+                owner.close_held(device)
                 self._paced(owner, pacer.done(device))
             elif flags == wire.FLOW_FULL:
                 self._paced(owner, pacer.on_full())
             else:
                 self._paced(owner, pacer.on_open())
+
+    def _take_shared(self, device: str, payload: bytes) -> bytes:
+        """A shared BLOB sent to us: in base64, and DONE said (its owner may close its buffers);
+        b"" if it cannot be had."""
+        inlined = sharedblob.inline(payload, device, self._warn, "snooping drivers")
+        self.backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)
+        return inlined
 
     def _owner(self, device: str) -> Driver | None:
         for driver in self.drivers.values():

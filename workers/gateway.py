@@ -16,17 +16,20 @@ parts, one concern each:
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
+from lxml import etree
+
 from indibroker.broker import wire
 from indibroker.broker.ratelog import RateLimitedLog
-from indibroker.workers import indi
+from indibroker.workers import indi, sharedblob
 from indibroker.workers.base import Worker
 from indibroker.workers.blobroom import BlobRoom, Signal
-from indibroker.workers.clients import Client, Connections, host_of
+from indibroker.workers.clients import Client, Connections
 from indibroker.workers.codec import Element
 from indibroker.workers.interest import union
 from indibroker.workers.settings import GatewaySettings, Inheritance
@@ -58,6 +61,11 @@ class Gateway(Worker):
         self.access = settings.access
         self.traffic = Traffic()  # -vv / -vvv
         self._refusals = RateLimitedLog(log)
+        # Pings answered once the broker has our interests (see `_ping`): how many interest
+        # changes we made, how many the broker has confirmed, and the pings waiting for it.
+        self._interest_changes = 0
+        self._interest_confirmed = 0
+        self._pings: collections.deque[tuple[int, Client, str]] = collections.deque()
 
     @property
     def clients(self) -> dict[int, Client]:
@@ -82,6 +90,7 @@ class Gateway(Worker):
         if now - self._told_restart < RESTART_NOTICE_GAP:
             return
         self._told_restart = now
+        self._answer_pings(self._interest_changes)  # what the old broker was to echo is lost
         notice = indi.message("indibroker: message routing restarted; updates sent in the last moment "
                               "may be lost, current values follow")
         deliver = self.connections.deliver
@@ -97,7 +106,7 @@ class Gateway(Worker):
     def _dropped(self, client: Client) -> None:
         if self.room.full:
             self._flow(self.room.gone(client))  # whatever it held up is open again
-        self.backbone.update_interests()
+        self._update_interests()
         self.status_changed()
 
     # -- client → server --------------------------------------------------------------------
@@ -112,7 +121,7 @@ class Gateway(Worker):
                 log.info("client %s: %s without device or name ignored", client.peer, tag)
                 return
             if not self.access.open:
-                why = self.access.may_write(host_of(client.peer), device)
+                why = self.access.may_write(client.host, device)
                 if why is not None:  # nothing reaches a driver; the client is told why
                     self._refusals.warning(("write", client.peer), "client %s: %s %s.%s refused: %s",
                                            client.peer, tag, device, name, why)
@@ -132,7 +141,7 @@ class Gateway(Worker):
             client.interest.set_blob(device, name, mode)
             self._add_interest(client, device, "", force=True)
         elif tag == "pingRequest":
-            self.connections.deliver(client, indi.ping_reply(el.get("uid")), blob=False)
+            self._ping(client, el.get("uid"))
         elif tag in indi.DRIVER_VERBS:
             # A chained server relays its devices' traffic as a client: for snooping drivers.
             if device:
@@ -165,11 +174,38 @@ class Gateway(Worker):
         before = force or not client.interest.wants_device(device, name)
         client.interest.add(device, name)
         if before:
-            self.backbone.update_interests()
+            self._update_interests()
+
+    def _update_interests(self) -> None:
+        self._interest_changes += 1
+        self.backbone.update_interests()
+
+    def _ping(self, client: Client, uid: str) -> None:
+        """A client's pingRequest. Its pingReply says "what you sent before is in effect" (the
+        indilib tests, and clients, enable BLOBs, ping, then expect the next BLOB): while a
+        change of our interests is on its way to the broker, the reply waits for an ECHO sent
+        after it (the broker then has it); otherwise it goes at once."""
+        if self._interest_confirmed == self._interest_changes:
+            self.connections.deliver(client, indi.ping_reply(uid), blob=False)
+            return
+        changes = self._interest_changes
+        if not self._pings or self._pings[-1][0] != changes:  # one ECHO per change, at most
+            # Deferred: the interests go at the end of this turn; this must go after them.
+            self.reactor.defer(lambda: self.backbone.send(wire.ECHO, payload=str(changes).encode()))
+        self._pings.append((changes, client, uid))
+
+    def _answer_pings(self, confirmed: int) -> None:
+        self._interest_confirmed = max(self._interest_confirmed, confirmed)
+        while self._pings and self._pings[0][0] <= confirmed:
+            _, client, uid = self._pings.popleft()
+            if not client.closed:
+                self.connections.deliver(client, indi.ping_reply(uid), blob=False)
 
     # -- server → clients -------------------------------------------------------------------
     def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if verb not in wire.DRIVER_OUTPUT:
+            if verb == wire.ECHO and payload.isdigit():
+                self._answer_pings(int(payload))
             return
         if verb == wire.DEF and self._asked:  # an answer has begun: later askers ask again
             self._asked.pop(("", ""), None)
@@ -181,17 +217,64 @@ class Gateway(Worker):
             for client in clients.values():
                 if client.interest.wants(device, name, flags == wire.FLAG_BLOB):
                     self.traffic.log(f"client {client.peer}", "<-", payload, device, name)
-        if flags != wire.FLAG_BLOB:
+        if flags != wire.FLAG_BLOB and flags != wire.FLAG_SHARED:
             for client in list(clients.values()):
                 if client.interest.wants(device, name, False):
                     deliver(client, payload, False)
             return
         takers = [client for client in clients.values() if client.interest.wants(device, name, True)]
-        for client in takers:
-            deliver(client, payload, True)
+        if flags == wire.FLAG_SHARED:
+            if takers:
+                self._deliver_shared(device, payload, takers)
+        elif any(client.local for client in takers):
+            self._deliver_attached(device, payload, takers)
+        else:
+            for client in takers:
+                deliver(client, payload, True)
         # FULL if the next BLOB would be dropped for a client still draining (the driver is then
-        # paced rather than read only for its BLOBs to be dropped), then DONE: handled.
+        # paced rather than read only for its BLOBs to be dropped), then DONE: handled (and of a
+        # shared BLOB, its buffers are ours now: its owner may close its own).
         self._flow(self.room.blob_handled(device, name, takers, time.monotonic()))
+
+    def _deliver_shared(self, device: str, payload: bytes, takers: list[Client]) -> None:
+        """A BLOB in shared buffers: local-socket clients get the buffers themselves, TCP
+        clients the same BLOB in base64, encoded once for all of them."""
+        try:
+            blob = sharedblob.resolve(payload)
+        except (sharedblob.SharedBufferError, OSError, etree.XMLSyntaxError) as exc:
+            self._refusals.warning(("shared", device), "a BLOB of %s is lost for %d client(s): %s",
+                                   device, len(takers), exc)
+            return
+        try:
+            deliver = self.connections.deliver
+            attached = blob.attached_form() if any(c.local for c in takers) else b""
+            for client in takers:
+                if client.local:
+                    deliver(client, attached, True, blob.buffers)
+                else:
+                    deliver(client, blob.inline_form(), True)
+        finally:
+            blob.release()
+
+    def _deliver_attached(self, device: str, payload: bytes, takers: list[Client]) -> None:
+        """A BLOB in base64 with local-socket clients among its takers: decoded once into
+        shared buffers for them (as indiserver does); the others get it as it came."""
+        deliver = self.connections.deliver
+        try:
+            attached, buffers = sharedblob.to_attached(payload)
+        except (OSError, ValueError, etree.XMLSyntaxError) as exc:
+            self._refusals.warning(("to-attached", device), "a BLOB of %s cannot be passed to local "
+                                   "clients as a buffer (%s): sent in base64", device, exc)
+            attached, buffers = payload, []
+        try:
+            for client in takers:
+                if client.local:
+                    deliver(client, attached, True, buffers)
+                else:
+                    deliver(client, payload, True)
+        finally:
+            for buffer in buffers:
+                buffer.release()
 
     def _drained(self, client: Client) -> None:
         """A client's queue was flushed while a device is full: it may open."""

@@ -46,6 +46,8 @@ class GatewaySettings(WorkerSettings):
     max_partial_bytes: int  # unfinished client input the gateway holds in total
     access: AccessPolicy  # who may connect, and who may change what
     listen_fd: int = -1  # the arbiter's listening socket, inherited (-1: listen on host:port itself)
+    local_socket: str = ""  # indiserver's local socket (`-u`) for local clients ("": none)
+    local_fd: int = -1  # ... listening, inherited from the arbiter (-1: listen on it itself)
 
 
 @dataclass(frozen=True)
