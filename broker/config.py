@@ -184,7 +184,8 @@ class Config:
     def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:
         return ExDriverSettings(name=f"exdriver-{index}", liveness=self.worker_liveness, drivers=tuple(drivers),
                                 log_dir=self.log_dir, exit_when_no_drivers=self.exit_when_no_drivers,
-                                indiserver_messages=self.indiserver_messages)
+                                indiserver_messages=self.indiserver_messages,
+                                share_blobs=not (self.hosts_endpoint or self.join))
 
     def validate(self, check_executables: bool = True) -> None:
         """Check every value; raise ConfigError with one line per problem, each naming where

@@ -311,7 +311,14 @@ class Broker:
         blob = shared or flags == wire.FLAG_BLOB
         targets = table.targets(device, name, blob)
         if blob and device and self._host_of:
-            targets = self._bound_host_blobs(targets, device, len(payload))
+            if shared:  # a buffer on this computer: no use on another (and no host may name ours)
+                if ident in self._host_of:
+                    self._refusals.warning(("shared", ident), "dropped a shared-buffer BLOB from %s",
+                                           table.peers[ident].name)
+                    return
+                targets = [t for t in targets if t not in self._host_of]
+            else:
+                targets = self._bound_host_blobs(targets, device, len(payload))
         for target in targets:
             self._queue(target, head, payload)
         if blob and device:

@@ -26,11 +26,13 @@ from support import (
     Joined,
     Netns,
     RawClient,
+    fits_header,
     free_port,
     getprop,
     is_,
     make_host_keys,
     new_vector,
+    port_open,
     setprop,
     wait_until,
 )
@@ -144,6 +146,28 @@ def test_python_drivers_and_remote_bridges_join_too(tmp_path, home):
         defined(c, {"Dew Heater", "Dome Simulator"}, timeout=30)
         wait_until(lambda: {"host", "exdriver", "remote", "driver"} <= {
             r["role"] for r in central.status() if r.get("host") == "pier"}, 10, what="the host's workers in status")
+
+
+def test_a_client_at_the_host_gets_blobs_from_a_central_camera(tmp_path, home):
+    """The other way: a client of the joined host's gateway receives BLOBs from the central
+    server's CCD simulator (in base64: a shared buffer of the central computer means nothing at
+    the host, so an instance serving hosts does not share them)."""
+    keys = make_host_keys(tmp_path / "keys")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Broker("--exdriver", "indi_simulator_ccd", "--hosts-endpoint", endpoint, "--keys", str(keys["server"]),
+                log_dir=tmp_path, runtime_dir=tmp_path / "central", env=home), \
+            Joined(endpoint, keys["pier"], "pier", "--exdriver", "indi_simulator_telescope", port=free_port(),
+                   log_dir=tmp_path, runtime_dir=tmp_path / "pier", env=home) as host:
+        wait_until(lambda: port_open(host.port), 15, what="the host's gateway")
+        with contextlib.closing(RawClient(host.port)) as c:
+            c.send('<getProperties version="1.7"/>')
+            defined(c, {SCOPE, CCD})
+            c.send(f'<enableBLOB device="{CCD}">Also</enableBLOB>')
+            c.send(new_vector("Switch", CCD, "CONNECTION", {"CONNECT": "On"}))
+            c.wait_for(is_("defNumberVector", CCD, "CCD_EXPOSURE"), 30, what="CCD_EXPOSURE defined")
+            c.send(new_vector("Number", CCD, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": "0.2"}))
+            blob = c.wait_for(is_("setBLOBVector", CCD), 30, what="a BLOB from the central CCD at the host")
+            assert "SIMPLE  =" in fits_header(blob)
 
 
 def _plain_dealer_hello(endpoint: str) -> None:

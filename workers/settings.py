@@ -85,6 +85,8 @@ class ExDriverSettings(WorkerSettings):
     log_dir: str | None  # one rotated log file per driver, or None
     exit_when_no_drivers: bool  # exit with EXIT_NO_DRIVERS once no driver runs or will restart
     indiserver_messages: bool  # write indiserver's stderr lines about drivers (KStars reads them)
+    # pass libindi drivers' BLOB buffers by reference (off where BLOBs cross hosts: docs/hosts.md)
+    share_blobs: bool = True
 
 
 @dataclass(frozen=True)
