@@ -25,6 +25,7 @@ from typing import Any
 from indibroker.broker.config import LOG_LEVELS, Config, DriverConfig, driver_name
 from indibroker.broker.control import ControlServer
 from indibroker.broker.fifo import FifoReader
+from indibroker.broker.hosts import host_rows
 from indibroker.broker.oscalls import (
     ForkedProcess,
     Forker,
@@ -117,12 +118,13 @@ class Arbiter:
     # -- the process tree -------------------------------------------------------------------
     def _build_children(self) -> None:
         cfg = self.config
-        self.children.append(Child("broker", cfg.broker_settings()))
+        if not cfg.join:  # a joined host's workers use the central server's broker (docs/hosts.md)
+            self.children.append(Child("broker", cfg.broker_settings()))
         drivers = list(cfg.drivers)
         if not drivers and not cfg.remotes and cfg.demo and not cfg.fifo:
             drivers.append(DriverConfig(argv=[sys.executable, "-P", "-m", "indibroker.workers.demo"],
                                         name="demo"))
-        for i in range(max(1, cfg.gateways)):
+        for i in range(cfg.gateways if cfg.join else max(1, cfg.gateways)):
             settings = cfg.gateway_settings(i)
             if i < len(self.listeners):
                 settings = dataclasses.replace(settings, listen_fd=self.listeners[i].fileno())
@@ -153,7 +155,8 @@ class Arbiter:
             child.restart_timer = None
         child.lifecycle.start()
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        env = {**self.runtime.env(), ENV_LIFELINE: str(read_end),
+        link = self.config.join_link()
+        env = {**self.runtime.env(), **(link.env() if link else {}), ENV_LIFELINE: str(read_end),
                ENV_LOGLEVEL: str(logging.getLevelName(self.config.log_level.upper()))}
         from indibroker.workers.__main__ import run_role
 
@@ -377,6 +380,8 @@ class Arbiter:
                 row.update({k: info[k] for k in ("remote", "link", "link_since", "last_error", "devices")
                             if k in info})
             rows.append(row)
+            if child.role == "broker":  # then the joined hosts, as they report themselves
+                rows.extend(host_rows(info.get("hosts", {})))
             for driver in info.get("drivers", []) if child.role == "exdriver" else []:
                 rows.append({
                     "role": "driver", "name": driver["name"], "pid": driver.get("pid"),
@@ -442,6 +447,8 @@ class Arbiter:
         # which starts its drivers before it accepts).
         self._gateways_when_ready(time.monotonic() + GATEWAY_START_WAIT)
         self.reactor.call_later(self.config.worker_liveness / 3, self._check_liveness)
+        if self.config.join:
+            log.info("joining %s as host %s", self.config.join, self.config.host_name)
         log.info("indibroker serving on %s:%d (%d gateway(s), %d driver(s)); runtime %s",
                  self.config.host, self.config.port,
                  sum(c.role == "gateway" for c in self.children),

@@ -33,6 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE.toml")
 
     start = sub.add_parser("start", help="run the server in the foreground (Ctrl-C or SIGTERM stops it)")
+    _server_args(start)
+    start.add_argument("--join", metavar="tcp://ADDR:PORT", help="run as a host joined to this central server")
+    start.add_argument("--host-name", dest="host_name", metavar="NAME", help="this host's name when joining")
+
+    join = sub.add_parser("join", help="run this host's drivers as part of a central indibroker "
+                                       "(docs/hosts.md); a local gateway only with --port")
+    join.add_argument("endpoint", metavar="tcp://ADDR:PORT", help="the central server's --hosts-endpoint")
+    join.add_argument("--name", required=True, dest="host_name", help="this host's name: its key's name")
+    _server_args(join)
+
+    keys = sub.add_parser("keys", help="make a key pair: DIR/NAME.key and DIR/NAME.key_secret")
+    keys.add_argument("name", help="'server' for the central server, else the host's name")
+    keys.add_argument("--dir", required=True, help="the directory to write them in")
+
+    _more_commands(sub)
+    return parser
+
+
+def _server_args(start: argparse.ArgumentParser) -> None:
+    """The options of `start`, which `join` shares."""
     start.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file first")
     start.add_argument("--host", help="address to listen on (default localhost; 0.0.0.0 for all)")
     start.add_argument("-p", "--port", type=int, help="TCP port for INDI clients (default 7624)")
@@ -75,7 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="-v events (the default), -vv a line per message with its connection and "
                             "direction, -vvv each message's XML")
     start.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    start.add_argument("--hosts-endpoint", dest="hosts_endpoint", metavar="tcp://ADDR:PORT",
+                       help="accept joining hosts on this TCP endpoint (CURVE; docs/hosts.md)")
+    start.add_argument("--keys", metavar="DIR", help="the key directory for --hosts-endpoint or joining")
+    start.add_argument("--host-heartbeat", type=float, dest="host_heartbeat", metavar="SECONDS",
+                       help="a joined host's heartbeat: lost after three silent ones (2)")
 
+
+def _more_commands(sub: Any) -> None:
     for name, text in (("status", "show every process of a running instance"),
                        ("stop", "stop a running instance")):
         cmd = sub.add_parser(name, help=text)
@@ -92,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     driver.add_argument("name", help="driver name (as in status), or an executable to start")
     driver.add_argument("args", nargs="*", help="arguments for a new executable driver")
     _instance_args(driver)
-    return parser
 
 
 def _instance_args(cmd: argparse.ArgumentParser) -> None:
@@ -113,8 +139,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     config = load_toml(args.config) if args.config else Config()
     for key in ("host", "port", "gateways", "maxconnections", "blob_drop_mb", "client_max_mb",
                 "fifo", "log_dir", "runtime_dir", "max_connections_per_address", "local_socket",
-                "server_device"):
-        value = getattr(args, key)
+                "server_device", "hosts_endpoint", "keys", "join", "host_name", "host_heartbeat"):
+        value = getattr(args, key, None)
         if value is not None:
             setattr(config, key, value)
             config.sources[key] = "--" + key.replace("_", "-")
@@ -140,9 +166,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     elif args.verbose:  # as indiserver's: -v events, -vv a line per message, -vvv its XML
         config.log_level = ("INFO", "DEBUG", "TRACE")[min(args.verbose, 3) - 1]
         config.sources["log_level"] = "-" + "v" * args.verbose
+    if config.join:  # a joined host: its drivers, a gateway for local clients only with a port
+        config.demo = False
+        if "port" not in config.sources:
+            config.gateways = 0
     config.validate()
     config.assign_names()
     return config
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    args.join = args.endpoint
+    return serve(config_from_args(args))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from indibroker.broker.hosts import make_keys
+
+    public, secret = make_keys(args.name, args.dir)
+    sys.stdout.write(f"wrote {public} (give it out) and {secret} (keep it on this host)\n")
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -175,7 +218,7 @@ def serve(config: Config, listener: socket.socket | None = None,
     try:
         # Listen before the workers' code is imported and before any driver starts: a client
         # connecting meanwhile waits in the backlog instead of being refused.
-        listeners = [listener or listen_or_fail(config.host, config.port)]
+        listeners = [listener or listen_or_fail(config.host, config.port)] if listener or config.gateways else []
         listeners += [listen_or_fail(config.host, config.port) for _ in range(1, config.gateways)]
         if config.local_socket and local_listener is None:
             local_listener = listen_local_or_fail(config.local_socket)
@@ -221,6 +264,10 @@ def _format_status(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if row["role"] == "driver":
             extra = ", ".join(row.get("devices", []))
+        elif row["role"] == "host":  # a joined host: its link's state since when
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["link_since"])) \
+                if row.get("link_since") else ""
+            extra = f"link {row.get('link')} since {since}"
         elif "remote" in row:  # a bridge: where it points and whether it is connected, since when
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["link_since"])) \
                 if row.get("link_since") else ""
@@ -287,7 +334,7 @@ def cmd_loglevel(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"start": cmd_start, "check-config": cmd_check_config, "status": cmd_status, "stop": cmd_stop,
-                "driver": cmd_driver, "loglevel": cmd_loglevel}
+                "driver": cmd_driver, "loglevel": cmd_loglevel, "join": cmd_join, "keys": cmd_keys}
     try:
         return commands[args.command](args)
     except IndibrokerError as exc:

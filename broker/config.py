@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from indibroker.broker.errors import ConfigError
+from indibroker.broker.hosts import HostKeys, JoinLink, valid_host_name
 from indibroker.broker.listening import INDI_PORT
 from indibroker.broker.supervision import RestartPolicy
 from indibroker.workers.access import AccessPolicy, parse_networks
@@ -138,6 +139,13 @@ class Config:
     # The supervision served as an INDI device of this name ("": none; workers/serverdevice.py).
     server_device: str = "indibroker"
     runtime_dir: str | None = None
+    # Several hosts, one installation (docs/hosts.md): the central server listens for joining
+    # hosts on `hosts_endpoint`; a joining host's workers connect to `join` as `host_name`.
+    hosts_endpoint: str | None = None  # tcp://ADDR:PORT, CURVE-authenticated; off by default
+    keys: str | None = None  # key directory (broker/hosts.py says what it holds on each side)
+    join: str | None = None  # the central server's hosts endpoint: run as a joined host
+    host_name: str = ""  # a joined host's name: its key's name
+    host_heartbeat: float = 2.0  # a joined host's heartbeat: it is lost after three silent ones
     # Where each key's value came from (a file or a flag), to name it in a problem.
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -157,7 +165,15 @@ class Config:
 
     # -- each worker's settings (the defaults above are the only ones) ------------------------
     def broker_settings(self) -> BrokerSettings:
-        return BrokerSettings(name="broker", liveness=self.worker_liveness)
+        return BrokerSettings(name="broker", liveness=self.worker_liveness, hosts_endpoint=self.hosts_endpoint,
+                              keys=self.keys)
+
+    def join_link(self) -> JoinLink | None:
+        """How this (joined) host's workers reach the central server; None when not joining."""
+        if not self.join:
+            return None
+        return JoinLink(endpoint=self.join, host=self.host_name, keys=str(Path(self.keys or ".").resolve()),
+                        heartbeat=self.host_heartbeat)
 
     def gateway_settings(self, index: int) -> GatewaySettings:
         return GatewaySettings(
@@ -171,7 +187,8 @@ class Config:
     def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:
         return ExDriverSettings(name=f"exdriver-{index}", liveness=self.worker_liveness, drivers=tuple(drivers),
                                 log_dir=self.log_dir, exit_when_no_drivers=self.exit_when_no_drivers,
-                                indiserver_messages=self.indiserver_messages)
+                                indiserver_messages=self.indiserver_messages,
+                                share_blobs=not (self.hosts_endpoint or self.join))
 
     def server_device_settings(self) -> ServerDeviceSettings:
         return ServerDeviceSettings(name="serverdevice", liveness=self.worker_liveness, device=self.server_device,
@@ -199,8 +216,9 @@ class Config:
         if not 0 < self.port < 65536:
             bad("port", "expected 1-65535")
         for key in ("gateways", "exdriver_workers"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) < (0 if key == "gateways" and self.join else 1):
                 bad(key, "expected at least 1")
+        self._validate_hosts(bad, problems)
         if self.maxconnections < 0:
             bad("maxconnections", "expected 0 (unlimited) or more")
         if len(self.local_socket.encode()) > 100:  # sun_path holds 108 bytes, the abstract NUL one
@@ -217,7 +235,7 @@ class Config:
             problems.append(str(exc))
         for key in ("blob_drop_mb", "client_max_mb", "client_max_element_mb", "gateway_max_partial_mb",
                     "driver_queue_mb", "driver_max_element_mb", "hang_timeout", "driver_unfinished_timeout",
-                    "worker_liveness"):
+                    "worker_liveness", "host_heartbeat"):
             if not getattr(self, key) > 0:
                 bad(key, "expected a number above 0")
         try:
@@ -235,6 +253,28 @@ class Config:
                                 f"(say may_appear_later = true if it is installed later)")
         if problems:
             raise ConfigError("\n".join(problems))
+
+    def _validate_hosts(self, bad: Any, problems: list[str]) -> None:
+        """The host endpoint and the join setting: endpoints, names and key files."""
+        for key in ("hosts_endpoint", "join"):
+            value = getattr(self, key)
+            if value is not None and not value.startswith("tcp://"):
+                bad(key, "expected tcp://ADDRESS:PORT")
+            if value is not None and not self.keys:
+                bad(key, "needs keys (the key directory: see docs/hosts.md)")
+        if self.hosts_endpoint and self.join:
+            bad("join", "a server either serves hosts or joins one, not both")
+        if self.join and not valid_host_name(self.host_name):
+            bad("host_name", "expected this host's key name (letters, digits, '.', '_', '-')")
+            return
+        try:
+            if self.hosts_endpoint and self.keys:
+                HostKeys.load(self.keys)
+            link = self.join_link()
+            if link is not None and self.keys:
+                link.check()
+        except ConfigError as exc:
+            problems.append(str(exc))
 
     def assign_names(self) -> None:
         taken: set[str] = set()

@@ -4,6 +4,11 @@ It never parses XML and never blocks on a peer: sends are DONTWAIT with ROUTER_M
 peer whose queue is full loses that message (counted and logged) rather than stalling everyone.
 Payload frames are received without copying and passed on as they came. It runs on the workers'
 event loop (`workers/reactor.Reactor`) and keeps its status file as they do (`runtime.StatusFile`).
+
+Joined hosts' workers (broker/hosts.py) reach it on a second ROUTER, TCP with CURVE: the same
+verbs, routed by the same table; what differs is checked on the way in (the identity's host is
+the key's) and that the broker itself notices a silent host, since no arbiter of ours watches it:
+its devices are deleted, with a message naming the host, until it registers again.
 """
 
 from __future__ import annotations
@@ -13,19 +18,24 @@ import logging
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 
 import zmq
 
 from indibroker.broker import wire
+from indibroker.broker.errors import ConfigError
+from indibroker.broker.hosts import HostEndpoint
 from indibroker.broker.pacing import BlobPacing
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.routing import RoutingTable
 from indibroker.broker.runtime import RuntimeDir, StatusFile, configure_logging, lifeline_fd
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
+from indibroker.workers import indi
+from indibroker.workers.backbone import HEARTBEAT_INTERVAL, LIVENESS
 from indibroker.workers.linebuffer import LineBuffer
 from indibroker.workers.reactor import Reactor
-from indibroker.workers.settings import WorkerSettings
+from indibroker.workers.settings import BrokerSettings, WorkerSettings
 from indibroker.workers.traffic import set_log_level
 
 __all__ = ["Broker", "main"]
@@ -36,6 +46,10 @@ HWM = 100_000  # messages; bytes are bounded by the workers' own accounting
 BATCH = 1000  # messages read per turn of the loop, then signals and the lifeline are looked at
 AWAIT_DEFINITION = 5.0  # seconds a command for a device not yet defined waits for its definition
 AWAIT_BYTES = 4 * 1024 * 1024  # bound on the commands waiting so, in all
+HOST_HWM = 10_000  # messages queued for one joined host's worker (BLOBs are paced: broker/pacing.py)
+HOST_REPORT_MAX = 64 * 1024  # bytes of a host worker's status report we keep
+HOST_BLOB_BYTES = 16 * 1024 * 1024  # BLOB bytes on their way to one host's gateway (not yet DONE)
+HOST_RETRY = 5.0  # seconds between attempts to open a host endpoint that could not be had
 
 Payload = zmq.Frame | memoryview
 Handler = Callable[[bytes, bytes, bytes, str, str, bytes, Payload], None]
@@ -46,8 +60,18 @@ def _as_bytes(payload: Payload) -> bytes:
 
 
 class Broker:
-    def __init__(self, ctx: zmq.Context, endpoint: str, instance: str = ""):
+    def __init__(self, ctx: zmq.Context, endpoint: str, instance: str = "", hosts: HostEndpoint | None = None):
         self.instance = instance
+        self.hosts = hosts
+        self._host_of: dict[bytes, str] = {}  # peer identity on the host socket -> its host (key) name
+        self._host_heard: dict[bytes, float] = {}  # ... -> when it last spoke (monotonic)
+        self._host_beat: dict[bytes, float] = {}  # ... -> its heartbeat interval (from its HELLO)
+        self._host_reports: dict[bytes, dict] = {}  # ... -> its last status report
+        self._host_links: dict[str, dict] = {}  # host name -> {"link": connected|lost, "since": wall time}
+        # BLOBs sent to a host's gateway and not yet DONE: sizes per device, and their total
+        self._host_blobs: dict[bytes, dict[str, deque[int]]] = {}
+        self._host_blob_bytes: dict[bytes, int] = {}
+        self.host_blobs_dropped = 0
         self._refusals = RateLimitedLog(log, 30.0)  # what a misbehaving peer can repeat
         self.table = RoutingTable()
         self.pacing = BlobPacing()
@@ -84,7 +108,31 @@ class Broker:
         """Serve on `reactor`: at most BATCH messages per turn of its loop (then signals and the
         lifeline are looked at), and what they made for each peer sent at the end of the turn."""
         self._defer = reactor.defer
+        self._reactor = reactor
         reactor.add_zmq(self.sock, self._readable)
+        if self.hosts is not None:
+            self._serve_hosts(self.hosts)
+
+    def serve_hosts(self, ctx: zmq.Context, endpoint: str, keys: str) -> None:
+        """Open the host endpoint (after `attach`). If it cannot be had (the address is not ours
+        yet, the port is taken), local workers are served meanwhile and it is tried again."""
+        try:
+            hosts = HostEndpoint(ctx, endpoint, keys, HEARTBEAT_INTERVAL, HOST_HWM)
+        except (zmq.ZMQError, ConfigError) as exc:
+            self._refusals.error("endpoint", "cannot serve joined hosts on %s: %s; trying again every %.0f s",
+                                 endpoint, exc, HOST_RETRY)
+            self._reactor.call_later(HOST_RETRY, lambda: self.serve_hosts(ctx, endpoint, keys))
+            return
+        log.info("serving joined hosts on %s (CURVE, keys of %s/hosts)", endpoint, keys)
+        self._serve_hosts(hosts)
+
+    def _serve_hosts(self, hosts: HostEndpoint) -> None:
+        self.hosts = hosts
+        reactor = self._reactor
+        reactor.add_zmq(hosts.zap.sock, hosts.zap.readable)
+        reactor.add_zmq(hosts.monitor, hosts.monitor_readable)
+        reactor.add_zmq(hosts.sock, self._readable_hosts)
+        reactor.call_later(1.0, self._expire_hosts)
 
     def _readable(self) -> None:
         if not self._turn_open:
@@ -103,12 +151,77 @@ class Broker:
             budget -= 1
         self._budget = budget
 
+    def _readable_hosts(self) -> None:
+        """The host socket: each message's sender is checked against the key that sent it."""
+        if not self._turn_open:
+            assert self._defer is not None
+            self._turn_open = True
+            self._budget = BATCH
+            self._defer(self._end_turn)
+        assert self.hosts is not None
+        sock = self.hosts.sock
+        for _ in range(BATCH):
+            try:
+                msg = recv_frames(sock)
+            except zmq.Again:
+                break
+            if len(msg) != 3:
+                log.warning("dropped a host message of %d frame(s)", len(msg))
+                continue
+            ident = msg[0].bytes
+            host = msg[1].get("User-Id")
+            if not host or not ident.startswith(host.encode() + b"/"):
+                self._refusals.warning(("impostor", host, ident), "dropped a message from host %r "
+                                       "speaking as %r (not its name)", host, ident)
+                continue
+            self._host_of[ident] = host
+            self._host_heard[ident] = time.monotonic()
+            self.handle(msg)
+
+    def _expire_hosts(self) -> None:
+        """A joined host's worker silent for LIVENESS of its heartbeats is lost (a partition, a
+        host down): its devices go, and clients are told which host."""
+        now = time.monotonic()
+        for ident, heard in list(self._host_heard.items()):
+            beat = self._host_beat.get(ident, HEARTBEAT_INTERVAL)
+            if now - heard > LIVENESS * beat:
+                self._lose_host_peer(ident, f"silent for {now - heard:.1f} s")
+        self.flush()
+        self._reactor.call_later(min([1.0, *self._host_beat.values()]), self._expire_hosts)
+
+    def _lose_host_peer(self, ident: bytes, why: str) -> None:
+        host = self._host_of.pop(ident, "")
+        self._host_heard.pop(ident, None)
+        self._host_beat.pop(ident, None)
+        self._host_reports.pop(ident, None)
+        self._host_blobs.pop(ident, None)
+        self._host_blob_bytes.pop(ident, None)
+        peer = self.table.peers.get(ident)
+        if peer is None:
+            return
+        for device in sorted(peer.devices):
+            text = f"indibroker: host {host} lost ({why}); its device {device} is gone until the host is back"
+            for target in self.table.targets(device, "", False):
+                if target != ident:
+                    self._queue(target, wire.header(wire.MSG, device), indi.message(text, device))
+                    self._queue(target, wire.header(wire.DEL, device), indi.del_property(device))
+        self.table.remove_peer(ident)
+        self._unpace(ident)
+        if not any(p.host == host for p in self.table.peers.values()):
+            self._host_links[host] = {"link": "lost", "since": time.time(), "why": why}
+            log.warning("host %s lost (%s): %d device(s) deleted", host, why, len(peer.devices))
+        else:
+            log.info("host %s: %s lost (%s)", host, peer.name, why)
+        self.on_change()
+
     def _end_turn(self) -> None:
         self._turn_open = False
         self.flush()
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self.hosts is not None:
+            self.hosts.close()
 
     def handle(self, msg: list[zmq.Frame]) -> None:
         """One ZeroMQ message from a worker: its identity, a batch's index and its body."""
@@ -158,6 +271,15 @@ class Broker:
     def _on_heartbeat(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                       payload: Payload) -> None:
         self._queue(ident, wire.header(wire.HB), b"")
+        if payload and ident in self._host_of and len(payload) <= HOST_REPORT_MAX:
+            try:
+                report = json.loads(_as_bytes(payload))
+            except ValueError:
+                return
+            if isinstance(report, dict):
+                if ident not in self._host_reports:
+                    self.on_change()  # a new worker in `status`; figures refresh with the file
+                self._host_reports[ident] = report
 
     def _on_echo(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                  payload: Payload) -> None:
@@ -169,6 +291,10 @@ class Broker:
         gives it up; a BLOB's gateways are counted for the owner's pacing window."""
         table = self.table
         if not table.accepts(ident, device):
+            peer = table.peers[ident]
+            if peer.host:
+                self._refusals.warning(("claim", ident, device), "%s may not speak for device %r: "
+                                       "another source has it", peer.name, device)
             self.echoes += 1
             return
         if verb == wire.DEF and device:
@@ -187,6 +313,15 @@ class Broker:
         shared = flags == wire.FLAG_SHARED
         blob = shared or flags == wire.FLAG_BLOB
         targets = table.targets(device, name, blob)
+        if blob and device and self._host_of:
+            if shared:  # a buffer on this computer: no use on another (and no host may name ours)
+                if ident in self._host_of:
+                    self._refusals.warning(("shared", ident), "dropped a shared-buffer BLOB from %s",
+                                           table.peers[ident].name)
+                    return
+                targets = [t for t in targets if t not in self._host_of]
+            else:
+                targets = self._bound_host_blobs(targets, device, len(payload))
         for target in targets:
             self._queue(target, head, payload)
         if blob and device:
@@ -196,6 +331,26 @@ class Broker:
             done = self.pacing.routed(device, takers)
             if done:
                 self._flow(ident, device, wire.FLOW_DONE, done)
+
+    def _bound_host_blobs(self, targets: list[bytes], device: str, size: int) -> list[bytes]:
+        """A joined host's gateway is sent at most HOST_BLOB_BYTES of BLOBs it has not yet said
+        DONE for (one BLOB at least, whatever its size): past that, a BLOB for it is dropped
+        here, as a slow client's streaming BLOBs are dropped at its gateway. What a slow link
+        cannot carry then never piles up in the broker's queues."""
+        out = []
+        for target in targets:
+            if target in self._host_of and self.table.peers[target].role == "gateway":
+                queued = self._host_blob_bytes.get(target, 0)
+                if queued and queued + size > HOST_BLOB_BYTES:
+                    self.host_blobs_dropped += 1
+                    self._refusals.warning(("slow host", target), "BLOB of %s not sent to %s: %.1f MB of "
+                                           "BLOBs still on their way to it (a slow link)", device,
+                                           self.table.peers[target].name, queued / 1048576)
+                    continue
+                self._host_blobs.setdefault(target, {}).setdefault(device, deque()).append(size)
+                self._host_blob_bytes[target] = queued + size
+            out.append(target)
+        return out
 
     def _on_snoop(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                   payload: Payload) -> None:
@@ -253,6 +408,9 @@ class Broker:
     def _on_flow(self, ident: bytes, head: bytes, verb: bytes, device: str, name: str, flags: bytes,
                  payload: Payload) -> None:
         """BLOB pacing from a gateway, told on to the device's owner (broker/pacing.py)."""
+        pending = self._host_blobs.get(ident, {}).get(device) if flags == wire.FLOW_DONE else None
+        if pending:  # a joined host's gateway has one BLOB fewer on its way
+            self._host_blob_bytes[ident] -= pending.popleft()
         owner = self.table.owner(device)
         if owner is None or owner == ident:
             return
@@ -274,15 +432,29 @@ class Broker:
         self.table.set_interests(ident, entries)
 
     def _hello(self, ident: bytes, payload: bytes) -> None:
-        try:
-            data = wire.parse_hello(payload, self.instance)
+        host = self._host_of.get(ident, "")
+        try:  # a joined host's key is its credential: no instance token to check
+            data = wire.parse_hello(payload, None if host else self.instance)
         except ValueError as exc:
             self._refusals.warning(ident, "refused hello from %r: %s", ident, exc)
             return
         self._unpace(ident)
-        self.table.add_peer(ident, data["role"], data["name"], data["devices"])
+        self._host_blobs.pop(ident, None)  # a gateway (re)starting owes no DONE
+        self._host_blob_bytes.pop(ident, None)
+        name = f"{host}/{data['name']}" if host else data["name"]
+        peer = self.table.add_peer(ident, data["role"], name, data["devices"], host)
         self.on_change()
-        log.info("%s %s registered with %d device(s)", data["role"], data["name"], len(data["devices"]))
+        if host:
+            # Its own interval, within reason: a host cannot make itself never expire.
+            self._host_beat[ident] = min(max(float(data.get("heartbeat") or HEARTBEAT_INTERVAL), 0.1), 60.0)
+            if self._host_links.get(host, {}).get("link") != "connected":
+                self._host_links[host] = {"link": "connected", "since": time.time()}
+                log.info("host %s joined", host)
+            refused = set(data["devices"]) - peer.devices
+            if refused:
+                self._refusals.warning(("claim", ident), "%s may not serve %s: another source has them",
+                                       name, ", ".join(sorted(refused)))
+        log.info("%s %s registered with %d device(s)", data["role"], name, len(peer.devices))
         self._queue(ident, wire.header(wire.HB), b"")
 
     def _queue(self, ident: bytes, head: bytes, payload: zmq.Frame | memoryview | bytes) -> None:
@@ -300,16 +472,21 @@ class Broker:
 
     def flush(self) -> None:
         out, self._out = self._out, {}
+        host_of = self._host_of
         for ident, batches in out.items():
+            sock = self.sock if ident not in host_of or self.hosts is None else self.hosts.sock
             for records, bodies, _large in batches:
                 body = bodies[0] if len(bodies) == 1 else b"".join(bodies)
                 try:
-                    send_frames(self.sock, [ident, b"\n".join(records), body])
+                    send_frames(sock, [ident, b"\n".join(records), body])
                     self.routed += len(records)
                     self.routed_bytes += len(body)
                 except zmq.Again:
                     self._drop(ident, "queue full", len(records))
                 except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EHOSTUNREACH and ident in host_of:
+                        self._lose_host_peer(ident, "disconnected")
+                        break
                     if exc.errno == zmq.EHOSTUNREACH:
                         self.table.remove_peer(ident)
                         self.on_change()
@@ -341,7 +518,7 @@ class Broker:
             log.warning("dropping messages for %r (%s); %d dropped so far", ident, why, self.dropped)
 
     def status(self) -> dict:
-        return {
+        out = {
             "peers": len(self.table.peers),
             "devices": sorted(self.table.owners),
             "dropped": self.dropped,
@@ -351,6 +528,16 @@ class Broker:
             "messages": self.routed,
             "bytes": self.routed_bytes,
         }
+        if self.hosts is not None:
+            hosts: dict[str, dict] = {name: {**link, "workers": []} for name, link in self._host_links.items()}
+            for ident, report in self._host_reports.items():
+                peer = self.table.peers.get(ident)
+                if peer is not None and peer.host in hosts:
+                    hosts[peer.host]["workers"].append(report)
+            out["hosts"] = hosts
+            out["refused_hosts"] = self.hosts.zap.refused
+            out["host_blobs_dropped"] = self.host_blobs_dropped
+        return out
 
 
 def main(settings: WorkerSettings) -> int:
@@ -364,6 +551,8 @@ def main(settings: WorkerSettings) -> int:
     status = StatusFile(runtime, "broker", broker.status, reactor, settings.liveness)
     broker.on_change = status.changed
     broker.attach(reactor)
+    if isinstance(settings, BrokerSettings) and settings.hosts_endpoint and settings.keys:
+        broker.serve_hosts(ctx, settings.hosts_endpoint, settings.keys)
     lifeline = lifeline_fd()
     if lifeline is not None:
         os.set_blocking(lifeline, False)

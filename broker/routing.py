@@ -22,6 +22,7 @@ class Peer:
     ident: bytes
     role: str  # "gateway", "driver" or "remote" (a bridge to another server: a driver that defers)
     name: str
+    host: str = ""  # a joined host's name ("": a worker of this instance)
     devices: set[str] = field(default_factory=set)
     # (device, name) -> WANT_* bits; "" device = all devices, "" name = whole device
     interests: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -36,14 +37,17 @@ class RoutingTable:
         self._cache: dict[tuple[str, str, bool], list[bytes]] = {}  # targets(); cleared on change
 
     # -- membership -------------------------------------------------------------------------
-    def add_peer(self, ident: bytes, role: str, name: str, devices: Iterable[str] = ()) -> Peer:
+    def add_peer(self, ident: bytes, role: str, name: str, devices: Iterable[str] = (), host: str = "") -> Peer:
+        """Register a peer and the devices it owns; a joined host's peer gets only those no
+        other source has (`accepts`)."""
         self._cache.clear()
         if ident in self.peers:
             self.remove_peer(ident)
-        peer = Peer(ident, role, name)
+        peer = Peer(ident, role, name, host)
         self.peers[ident] = peer
         for device in devices:
-            self.claim(ident, device)
+            if self.accepts(ident, device):
+                self.claim(ident, device)
         return peer
 
     def remove_peer(self, ident: bytes) -> None:
@@ -141,9 +145,13 @@ class RoutingTable:
 
     def accepts(self, ident: bytes, device: str) -> bool:
         """May this peer speak for `device`? A remote bridge defers to any other owner: a device
-        reaches us from one source only, which is what bounds traffic in a cycle of servers."""
+        reaches us from one source only, which is what bounds traffic in a cycle of servers. A
+        joined host's peer may not take a device from this instance or from another host (its
+        own host's other workers may: a driver moved between them)."""
         peer = self.peers.get(ident)
-        if peer is None or peer.role != "remote" or not device:
+        if peer is None or not device or (peer.role != "remote" and not peer.host):
             return True
         owner = self.owners.get(device)
-        return owner is None or owner == ident
+        if owner is None or owner == ident:
+            return True
+        return peer.role != "remote" and owner in self.peers and self.peers[owner].host == peer.host

@@ -15,11 +15,15 @@ module; `WIRE_VERSION` travels in the hello so a mismatched worker is refused.
 Verbs (worker → broker unless said otherwise):
 
 =========  ===================================================================================
-HELLO      announce: payload is JSON ``{"wire", "instance", "role", "name", "devices"}``; the broker
-           refuses a hello from another instance (a killed instance's lingering worker)
+HELLO      announce: payload is JSON ``{"wire", "instance", "role", "name", "devices", "heartbeat"}``;
+           the broker refuses a hello from another instance (a killed instance's lingering worker).
+           A joined host's worker (on the host endpoint, broker/hosts.py) is not checked for the
+           instance: its key is its credential; "heartbeat" is its interval, by which the broker
+           knows when a silent host is lost
 WHO        broker → worker: "I do not know you" (after a broker restart): say HELLO again
 SUB        replace this peer's interests: payload is `encode_interests()`
-HB         heartbeat, both directions; any traffic also counts as one
+HB         heartbeat, both directions; any traffic also counts as one. A joined host's worker puts
+           its status in the payload (JSON: its role, pid, CPU, memory, drivers), for `status`
 ECHO       sent back to its sender as it came: after everything the sender sent before it (a
            gateway answers a client's ping this way while its interests are on their way)
 GETP       getProperties from a client or a snooping driver: to the owner, or every driver
@@ -56,7 +60,7 @@ __all__ = [
     "record", "unpack",
 ]
 
-WIRE_VERSION = 6
+WIRE_VERSION = 7
 
 HELLO = b"HELLO"
 WHO = b"WHO"
@@ -116,19 +120,24 @@ def unpack(index: bytes) -> list[tuple[bytes, int]]:
     return out
 
 
-def hello_payload(role: str, name: str, devices: Iterable[str], instance: str = "") -> bytes:
+def hello_payload(role: str, name: str, devices: Iterable[str], instance: str = "",
+                  heartbeat: float = 0.0) -> bytes:
     return json.dumps(
-        {"wire": WIRE_VERSION, "instance": instance, "role": role, "name": name, "devices": sorted(devices)}
+        {"wire": WIRE_VERSION, "instance": instance, "role": role, "name": name, "devices": sorted(devices),
+         "heartbeat": heartbeat}
     ).encode()
 
 
-def parse_hello(payload: bytes, instance: str = "") -> dict[str, Any]:
+def parse_hello(payload: bytes, instance: str | None = "") -> dict[str, Any]:
     """Decode and check a HELLO; raises ValueError when it is not one we can serve (another wire
-    version, or a worker of another instance than `instance`)."""
+    version, or a worker of another instance than `instance`; None: a joined host's worker,
+    whose key was its credential)."""
     data = json.loads(payload)
     if not isinstance(data, dict) or data.get("wire") != WIRE_VERSION:
         raise ValueError(f"wire version {data.get('wire') if isinstance(data, dict) else '?'}")
-    if data.get("instance", "") != instance:
+    if not isinstance(data.get("heartbeat", 0.0), int | float):
+        raise ValueError("heartbeat must be a number")
+    if instance is not None and data.get("instance", "") != instance:
         raise ValueError(f"worker of another instance ({data.get('instance')!r}, we are {instance!r})")
     if data.get("role") not in ("gateway", "driver", "remote"):
         raise ValueError(f"unknown role {data.get('role')!r}")

@@ -456,3 +456,103 @@ def wait_count(c: RawClient, n: int, tag: str | None = None, device: str | None 
 
     el = c.wait_for(nth, timeout, start=start, what=what or f"{n} x {tag} {device} {name}")
     return c.elements.index(el, start) + 1
+
+
+# -- several hosts, one installation (docs/hosts.md) ------------------------------------------------
+def make_host_keys(root: Path, central: str = "server", hosts: tuple[str, ...] = ("pier",),
+                   listed: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Key directories as docs/hosts.md lays them out: root/central (server.key_secret and
+    hosts/*.key of `listed`, by default every host) and root/NAME for each joining host (its
+    NAME.key_secret and server.key)."""
+    import shutil
+
+    from indibroker.broker.hosts import make_keys
+
+    dirs = {central: root / central}
+    make_keys("server", dirs[central])
+    (dirs[central] / "hosts").mkdir()
+    for name in hosts:
+        dirs[name] = root / name
+        public, _ = make_keys(name, dirs[name])
+        shutil.copy(dirs[central] / "server.key", dirs[name])
+        if listed is None or name in listed:
+            shutil.copy(public, dirs[central] / "hosts")
+    return dirs
+
+
+class Joined(Broker):
+    """`indibroker join` as a real subprocess (in network namespace `netns` if given): the host's
+    runtime directory is its own; with `port`, it runs a gateway for local clients."""
+
+    def __init__(self, endpoint: str, keys: Path, name: str, *args: str, port: int | None = None,
+                 log_dir: Path | None = None, runtime_dir: Path | None = None, netns: str | None = None,
+                 env: dict[str, str] | None = None):
+        # Without a gateway the instance is still named by a port: the default one (7624).
+        super().__init__(*args, port=port or 7624, log_dir=log_dir, runtime_dir=runtime_dir, env=env)
+        self.gateway = port is not None
+        self.endpoint, self.keys, self.name, self.netns = endpoint, keys, name, netns
+        self.log_path = (log_dir or Path("/tmp")) / f"indibroker-join-{name}-{self.port}.log"
+
+    def start(self, wait: bool = True) -> Joined:
+        self._log = open(self.log_path, "wb")
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        port = ["--port", str(self.port)] if self.gateway else []
+        runtime = ["--runtime-dir", str(self.runtime_dir)] if self.runtime_dir else []
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "indibroker", "join", self.endpoint, "--keys", str(self.keys),
+             "--name", self.name, *port, *runtime, *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(self.env or {})})
+        if wait:
+            wait_until(lambda: self.proc.poll() is not None or any(
+                _name(p).startswith("ib-exdriver") for p in self.tree()), 20, what="the joined host's workers")
+            assert self.proc.poll() is None, f"indibroker join exited early:\n{self.log()}"
+        return self
+
+    def drivers(self) -> dict[str, int]:
+        """Driver name -> pid, from the host's own `indibroker status`."""
+        return {r["name"]: r["pid"] for r in self.status() if r["role"] == "driver"}
+
+
+class Netns:
+    """A network namespace joined to ours by a veth pair: a second host on this machine whose
+    link the test can cut (both ends down) and heal. `available()` says whether we may."""
+
+    def __init__(self) -> None:
+        n = os.getpid() % 200 + 20
+        self.name = f"ib-host-{os.getpid()}"
+        self.outer, self.inner = f"vib{os.getpid() % 100000}a", f"vib{os.getpid() % 100000}b"
+        self.central_ip, self.host_ip = f"10.219.{n}.1", f"10.219.{n}.2"
+
+    @staticmethod
+    def available() -> bool:
+        name = f"ib-probe-{os.getpid()}"
+        ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        return ok
+
+    def _ip(self, *args: str, ns: bool = False) -> None:
+        cmd = ["ip", "netns", "exec", self.name, "ip", *args] if ns else ["ip", *args]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(cmd)}: {result.stderr}"
+
+    def __enter__(self) -> Netns:
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        self._ip("link", "set", self.inner, "netns", self.name)
+        self._ip("addr", "add", f"{self.central_ip}/24", "dev", self.outer)
+        self._ip("addr", "add", f"{self.host_ip}/24", "dev", self.inner, ns=True)
+        self._ip("link", "set", "lo", "up", ns=True)
+        self.heal()
+        return self
+
+    def cut(self) -> None:
+        self._ip("link", "set", self.outer, "down")
+
+    def heal(self) -> None:
+        self._ip("link", "set", self.outer, "up")
+        self._ip("link", "set", self.inner, "up", ns=True)
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)

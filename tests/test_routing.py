@@ -186,10 +186,28 @@ def test_interests_round_trip(entries):
 def test_hello_round_trip_and_refusals():
     data = wire.parse_hello(wire.hello_payload("driver", "ccd", {"B", "A"}, "a1b2"), "a1b2")
     assert data == {"wire": wire.WIRE_VERSION, "instance": "a1b2", "role": "driver", "name": "ccd",
-                    "devices": ["A", "B"]}
+                    "devices": ["A", "B"], "heartbeat": 0.0}
     with pytest.raises(ValueError, match="another instance"):  # a killed instance's lingering worker
         wire.parse_hello(wire.hello_payload("driver", "ccd", {"A"}, "old0"), "a1b2")
     for bad in ({"wire": wire.WIRE_VERSION + 1, "role": "driver"}, {"wire": wire.WIRE_VERSION, "role": "x"},
                 {"wire": wire.WIRE_VERSION, "role": "gateway", "devices": [1]}, [1, 2]):
         with pytest.raises(ValueError):
             wire.parse_hello(json.dumps(bad).encode())
+
+
+def test_one_source_per_device_across_hosts():
+    """A joined host may not take a device from this instance or from another host; its own
+    workers may (a driver moved between them); a local peer still may (it is this instance's)."""
+    t = RoutingTable()
+    t.add_peer(b"ex", "driver", "exdriver-0", ["Focuser"])
+    t.add_peer(b"pier/driver:exdriver-0", "driver", "pier/exdriver-0", ["Scope", "Focuser"], host="pier")
+    assert t.owner("Scope") == b"pier/driver:exdriver-0" and t.owner("Focuser") == b"ex"
+    t.add_peer(b"dome/driver:exdriver-0", "driver", "dome/exdriver-0", ["Scope", "Dome"], host="dome")
+    assert t.owner("Scope") == b"pier/driver:exdriver-0" and t.owner("Dome") == b"dome/driver:exdriver-0"
+    assert not t.accepts(b"dome/driver:exdriver-0", "Scope")
+    assert not t.accepts(b"pier/driver:exdriver-0", "Focuser")
+    t.add_peer(b"pier/driver:exdriver-1", "driver", "pier/exdriver-1", host="pier")
+    assert t.accepts(b"pier/driver:exdriver-1", "Scope")
+    assert t.accepts(b"ex", "Scope")
+    t.remove_peer(b"pier/driver:exdriver-0")
+    assert t.accepts(b"dome/driver:exdriver-0", "Scope")

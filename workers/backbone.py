@@ -7,6 +7,12 @@ every few seconds) and any traffic from the broker counts as one (Paranoid Pirat
 worker that hears nothing for LIVENESS intervals drops its connection and makes a new one before
 saying HELLO again, so a registration that did not take (a route lost to another connection, a
 broker that is wedged) is repaired rather than repeated into the same dead pipe.
+
+On a joined host (`link`, broker/hosts.py) the same DEALER goes over TCP to the central broker,
+as a CURVE client, its identity prefixed with the host's name; its heartbeats carry the
+worker's status report, and a partition is healed by the same reconnection. Nothing here waits
+for the link: while it is down what we send queues in ZeroMQ up to HOST_HWM, then is dropped
+(counted), and a reconnection discards it (the drivers define again once registered).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Protocol
 import zmq
 
 from indibroker.broker import wire
+from indibroker.broker.hosts import JoinLink, secure_client
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.broker.transport import ZERO_COPY_BYTES, recv_frames, send_frames
 from indibroker.workers.reactor import Reactor
@@ -33,6 +40,8 @@ LIVENESS = 3  # intervals without a word from the broker before we say HELLO aga
 MessageHandler = Callable[[bytes, str, str, bytes, bytes], None]
 BATCH = 512  # messages per ZeroMQ message at most
 HEADER_CACHE = 4096
+HWM = 100_000  # messages, on ipc
+HOST_HWM = 10_000  # messages, to a central broker over TCP: bounded while a link is down
 
 
 class BackboneLink(Protocol):
@@ -64,9 +73,15 @@ class Backbone:
         registered_again: Callable[[], None] = lambda: None,
         instance: str = "",
         heartbeat: float = HEARTBEAT_INTERVAL,
+        link: JoinLink | None = None,
+        report: Callable[[], bytes] | None = None,
     ):
         self.reactor = reactor
         self.ctx = ctx
+        self.link = link
+        self._report = report
+        if link is not None:
+            endpoint, heartbeat = link.endpoint, link.heartbeat
         self.endpoint = endpoint
         self.instance = instance
         self.heartbeat = heartbeat
@@ -93,10 +108,14 @@ class Backbone:
 
     def _connect(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"{self.role}:{self.name}".encode())
+        prefix = f"{self.link.host}/" if self.link is not None else ""
+        sock.setsockopt(zmq.IDENTITY, f"{prefix}{self.role}:{self.name}".encode())
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        hwm = HWM if self.link is None else HOST_HWM
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        if self.link is not None:
+            secure_client(sock, self.link)
         sock.connect(self.endpoint)
         self.sock = sock
         self.reactor.add_zmq(sock, self._readable)
@@ -116,7 +135,8 @@ class Backbone:
 
     def hello(self) -> None:
         self._records, self._bodies = [], []  # batched for a broker that no longer knows us: moot
-        self.send(wire.HELLO, payload=wire.hello_payload(self.role, self.name, self._devices(), self.instance))
+        self.send(wire.HELLO, payload=wire.hello_payload(self.role, self.name, self._devices(), self.instance,
+                                                         self.heartbeat))
         self._last_sub = None
         self._send_interests()
         self.flush()
@@ -171,10 +191,10 @@ class Backbone:
             return
         try:
             send_frames(self.sock, [b"\n".join(records), body])
-        except zmq.Again:
+        except zmq.Again:  # a broker that is not reading, or a joined host's link that is down
             self.dropped += len(records)
-            log.warning("backbone queue full: %d message(s) dropped (%d so far)", len(records),
-                        self.dropped)
+            self._silence_log.warning("full", "backbone queue full: %d message(s) dropped (%d so far)",
+                                      len(records), self.dropped)
 
     def _readable(self) -> None:
         if self.sock is None:
@@ -227,7 +247,7 @@ class Backbone:
             self.hello()
             self._registered_again()
         else:
-            self.send(wire.HB)
+            self.send(wire.HB, payload=self._report() if self._report is not None else b"")
         self._heartbeat_timer = self.reactor.call_later(self.heartbeat, self._heartbeat)
 
     def close(self) -> None:

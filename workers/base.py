@@ -21,6 +21,7 @@ from typing import Any
 
 import zmq
 
+from indibroker.broker.hosts import JoinLink
 from indibroker.broker.runtime import RuntimeDir, StatusFile, configure_logging, lifeline_fd
 from indibroker.workers.backbone import Backbone, BackboneLink
 from indibroker.workers.linebuffer import LineBuffer
@@ -56,16 +57,19 @@ class Worker:
         self._status_file = StatusFile(self.runtime, self.name, self._status_data, self.reactor, self.liveness)
         self.orphaned = False  # the arbiter died: stop fast, reach no broker
         self.exit_code = 0  # what `run()` returns (the arbiter reads it)
+        self._psutil: dict[int, Any] = {}  # a joined host's report: psutil.Process per pid
 
     def connect(self, backbone: BackboneLink | None = None) -> None:
         """Join the backbone: the broker's (a ZeroMQ DEALER, saying HELLO at once), or the one
         given (a test's fake)."""
         if backbone is None:
             self.ctx = zmq.Context()
+            link = JoinLink.from_env()  # a joined host's worker: the central broker, over TCP
             backbone = Backbone(
                 self.reactor, self.ctx, self.runtime.broker_endpoint, self.backbone_role, self.name,
                 self.on_backbone, self.owned_devices, self.interests, self.registered_again,
-                instance=self.runtime.instance,
+                instance=self.runtime.instance, link=link,
+                report=self._host_report if link is not None else None,
             )
         self.backbone = backbone
 
@@ -105,6 +109,32 @@ class Worker:
 
     def _status_data(self) -> dict[str, Any]:
         return {"role": self.role, "name": self.name, "pid": os.getpid(), **self.status()}
+
+    def _host_report(self) -> bytes:
+        """What a joined host's worker tells the central broker with each heartbeat, for its
+        `indibroker status`: this status, with CPU and memory of the worker and its drivers."""
+        data = self._status_data()
+        data.update(self._usage(data["pid"]), uptime=round(time.time() - self.started, 1))
+        for driver in data.get("drivers", []):
+            driver.update(self._usage(driver.get("pid")))
+            if driver.get("started") and driver.get("pid"):
+                driver["uptime"] = round(time.time() - driver["started"], 1)
+        return json.dumps(data).encode()
+
+    def _usage(self, pid: int | None) -> dict[str, Any]:
+        import psutil
+
+        if not pid:
+            return {"cpu_percent": None, "rss": None}
+        proc = self._psutil.get(pid)
+        try:
+            if proc is None:
+                proc = self._psutil[pid] = psutil.Process(pid)
+                proc.cpu_percent(None)  # the first reading is meaningless
+            return {"cpu_percent": proc.cpu_percent(None), "rss": proc.memory_info().rss}
+        except psutil.Error:
+            self._psutil.pop(pid, None)
+            return {"cpu_percent": None, "rss": None}
 
     def _on_lifeline(self) -> None:
         assert self._lifeline is not None

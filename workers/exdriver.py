@@ -370,10 +370,11 @@ class ExDriverWorker(Worker):
             sizes = [int(one.get("size") or 0) for one in attached]
             if any(os.fstat(fd).st_size < size for fd, size in zip(fds, sizes, strict=True)):
                 raise ValueError("its buffer is smaller than the size it gives")
-            if driver.held_count + len(fds) > MAX_HELD_BUFFERS:
-                self._warn.warning(("held", driver.name), "driver %s: %d BLOB buffers not yet taken "
-                                   "by every consumer: sending this one in base64", driver.name,
-                                   driver.held_count)
+            if not self.settings.share_blobs or driver.held_count + len(fds) > MAX_HELD_BUFFERS:
+                if self.settings.share_blobs:  # else BLOBs cross hosts: always in base64
+                    self._warn.warning(("held", driver.name), "driver %s: %d BLOB buffers not yet taken "
+                                       "by every consumer: sending this one in base64", driver.name,
+                                       driver.held_count)
                 for one, fd, size in zip(attached, fds, sizes, strict=True):
                     del one.attrib["attached"]
                     one.text = base64.b64encode(os.pread(fd, size, 0)).decode("ascii") if size else ""

@@ -1,9 +1,9 @@
-"""The one event loop of every process: file descriptors, one ZeroMQ socket, timers and signals.
+"""The one event loop of every process: file descriptors, ZeroMQ sockets, timers and signals.
 
 The arbiter, the broker and every worker run on it. One thread, epoll, no busy polling: an idle
 process sleeps until its next timer. Signals reach it through one self-pipe (`on_signal`). It
 touches ZeroMQ only in `add_zmq`, so the arbiter (which must never hold a context) uses it too.
-The ZeroMQ socket is watched through its edge-triggered `FD`, so after every pass the loop checks
+A ZeroMQ socket is watched through its edge-triggered `FD`, so after every pass the loop checks
 `EVENTS` itself and never sleeps while a message is waiting.
 """
 
@@ -56,8 +56,9 @@ class Reactor:
         self._writers: dict[int, FdCallback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
-        self._zsock: zmq.Socket | None = None
-        self._zcallback: Callback | None = None
+        # ZeroMQ sockets and their callbacks: usually one (a worker's DEALER, the broker's
+        # ROUTER); the broker serving joined hosts also has their ROUTER, ZAP and monitor.
+        self._zmq: tuple[tuple[zmq.Socket, Callback], ...] = ()
         self._stopped = False
         self._deferred: list[Callback] = []
         self._signals: list[int] = []
@@ -109,23 +110,20 @@ class Reactor:
         else:
             self._ep.modify(fd, new)
 
-    # -- the one ZeroMQ socket --------------------------------------------------------------
+    # -- ZeroMQ sockets ---------------------------------------------------------------------
     def add_zmq(self, sock: zmq.Socket, callback: Callback) -> None:
         """`callback` must read what is waiting (a bounded batch is fine: it is called again)."""
-        self._zsock = sock
-        self._zcallback = callback
+        self._zmq = (*self._zmq, (sock, callback))
         self.add_reader(int(sock.getsockopt(zmq.FD)), lambda _fd: callback())
 
     def remove_zmq(self, sock: zmq.Socket) -> None:
         """Stop watching `sock` (call before closing it)."""
-        if self._zsock is sock:
+        if any(s is sock for s, _ in self._zmq):
             self.forget(int(sock.getsockopt(zmq.FD)))
-            self._zsock = None
-            self._zcallback = None
+            self._zmq = tuple((s, c) for s, c in self._zmq if s is not sock)
 
     def _zmq_ready(self) -> bool:
-        sock = self._zsock
-        return sock is not None and readable(sock)
+        return any(readable(sock) for sock, _ in self._zmq)
 
     # -- timers -----------------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callback) -> Timer:
@@ -195,8 +193,9 @@ class Reactor:
                 callback = writers.get(fd)
                 if callback is not None:
                     callback(fd)
-        if self._zcallback is not None and self._zmq_ready():
-            self._zcallback()
+        for sock, on_ready in self._zmq:  # edge-triggered FDs: what is still waiting is read now
+            if readable(sock):
+                on_ready()
         self._run_deferred()
         while self._signals:
             signum = self._signals.pop(0)

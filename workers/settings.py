@@ -31,7 +31,8 @@ class WorkerSettings:
 
 @dataclass(frozen=True)
 class BrokerSettings(WorkerSettings):
-    pass
+    hosts_endpoint: str | None  # tcp://ADDR:PORT where joined hosts connect (CURVE), or None
+    keys: str | None  # the directory of server.key_secret and hosts/*.key
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class ExDriverSettings(WorkerSettings):
     log_dir: str | None  # one rotated log file per driver, or None
     exit_when_no_drivers: bool  # exit with EXIT_NO_DRIVERS once no driver runs or will restart
     indiserver_messages: bool  # write indiserver's stderr lines about drivers (KStars reads them)
+    # pass libindi drivers' BLOB buffers by reference (off where BLOBs cross hosts: docs/hosts.md)
+    share_blobs: bool = True
 
 
 @dataclass(frozen=True)
