@@ -61,7 +61,7 @@ WORKER_POLICY = RestartPolicy(max_restarts=1000, backoff_initial=0.2, backoff_ma
 class Child:
     """One supervised worker process (or the broker)."""
 
-    role: str  # broker, gateway, exdriver, remote, serverdevice
+    role: str  # broker, gateway, exdriver, remote
     settings: WorkerSettings
     drivers: list[DriverSettings] = field(default_factory=list)  # an exdriver worker's, as they stand
     inheritance: Inheritance = field(default_factory=Inheritance)  # told to its next start
@@ -125,7 +125,9 @@ class Arbiter:
             drivers.append(DriverConfig(argv=[sys.executable, "-P", "-m", "indibroker.workers.demo"],
                                         name="demo"))
         for i in range(cfg.gateways if cfg.join else max(1, cfg.gateways)):
-            settings = cfg.gateway_settings(i)
+            # The first gateway hosts the server device (workers/serverdevice.py), except on a
+            # joined host: the central server's device shows the whole installation.
+            settings = cfg.gateway_settings(i, server_device=i == 0 and not cfg.join)
             if i < len(self.listeners):
                 settings = dataclasses.replace(settings, listen_fd=self.listeners[i].fileno())
             if self.local_listener is not None:
@@ -138,8 +140,6 @@ class Arbiter:
             self._new_exdriver_worker(i)
         for n, driver in enumerate(drivers):
             self._exdriver_workers()[n % groups].drivers.append(driver.settings(cfg))
-        if cfg.server_device:  # the supervision as an INDI device (workers/serverdevice.py)
-            self.children.append(Child("serverdevice", cfg.server_device_settings()))
 
     def _exdriver_workers(self) -> list[Child]:
         return [c for c in self.children if c.role == "exdriver"]
@@ -276,7 +276,7 @@ class Arbiter:
     def stop_all(self) -> None:
         """Gateways first (no new work), then drivers, the broker last; SIGTERM, wait, SIGKILL."""
         self._stopping = True
-        for roles in (("gateway", "serverdevice"), ("exdriver", "remote"), ("broker",)):
+        for roles in (("gateway",), ("exdriver", "remote"), ("broker",)):
             self._stop_group({c.proc: c for c in self.children if c.role in roles and c.proc is not None})
 
     def _stop_group(self, group: dict[ForkedProcess, Child]) -> None:

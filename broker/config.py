@@ -175,13 +175,16 @@ class Config:
         return JoinLink(endpoint=self.join, host=self.host_name, keys=str(Path(self.keys or ".").resolve()),
                         heartbeat=self.host_heartbeat)
 
-    def gateway_settings(self, index: int) -> GatewaySettings:
+    def gateway_settings(self, index: int, server_device: bool = False) -> GatewaySettings:
+        """Gateway `index`'s settings; with `server_device`, it hosts the server device (the
+        arbiter asks that of the first gateway, unless there is none or this host joins another)."""
         return GatewaySettings(
             name=f"gateway-{index}", liveness=self.worker_liveness, host=self.host, port=self.port,
             maxconnections=self.maxconnections, blob_drop_bytes=int(self.blob_drop_mb * MB),
             max_queue_bytes=int(self.client_max_mb * MB), max_element=int(self.client_max_element_mb * MB),
             max_partial_bytes=int(self.gateway_max_partial_mb * MB), access=self.access_policy(),
             local_socket=self.local_socket,
+            server_device=self.server_device_settings() if server_device and self.server_device else None,
         )
 
     def exdriver_settings(self, index: int, drivers: list[DriverSettings]) -> ExDriverSettings:

@@ -365,11 +365,13 @@ def test_start_forks_every_child_broker_first(make_arbiter: ArbiterMaker) -> Non
                     drivers=[DriverConfig(argv=["indi_a"]), DriverConfig(argv=["indi_b"])])
     arbiter, forker = make_arbiter(config, settle=False)
     # Clients wait in the listening socket's backlog until the drivers have defined their devices.
-    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1", "ib-serverdevice"]
+    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1"]
     arbiter.reactor.turn(max_wait=0.05)
-    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1", "ib-serverdevice"]
+    assert forker.started == ["ib-broker", "ib-exdriver-0", "ib-exdriver-1"]
     drivers_defined(arbiter, arbiter.runtime)
-    assert forker.started[4:] == ["ib-gateway-0", "ib-gateway-1"]
+    assert forker.started[3:] == ["ib-gateway-0", "ib-gateway-1"]
+    # The first gateway hosts the server device; no process of its own.
+    assert [c.settings.server_device is not None for c in arbiter.children if c.role == "gateway"] == [True, False]
     assert all(c.proc is not None and c.lifecycle.state.value == "RUNNING" for c in arbiter.children)
     assert [d.name for d in child(arbiter, "exdriver-1").drivers] == ["indi_b"]
 
@@ -382,8 +384,7 @@ def test_status_command_merges_status_files(make_arbiter: ArbiterMaker, runtime:
     reply = arbiter._command({"cmd": "status"})
     assert reply["ok"] is True
     rows = {r["name"]: r for r in reply["status"]}
-    assert [r["role"] for r in reply["status"]] == ["arbiter", "broker", "gateway", "exdriver", "driver",
-                                                    "serverdevice"]
+    assert [r["role"] for r in reply["status"]] == ["arbiter", "broker", "gateway", "exdriver", "driver"]
     assert rows["arbiter"]["pid"] == os.getpid()
     assert rows["gateway-0"]["clients"] == 3 and rows["gateway-0"]["state"] == "RUNNING"
     assert rows["demo"]["worker"] == "exdriver-0" and rows["demo"]["devices"] == ["LED"]
@@ -455,7 +456,7 @@ def test_a_new_driver_goes_to_the_least_loaded_worker(make_arbiter: ArbiterMaker
 def test_fifo_lines_start_and_stop_drivers(make_arbiter: ArbiterMaker, runtime: RuntimeDir) -> None:
     fifo = runtime.path.parent / "indi.fifo"
     arbiter, forker = make_arbiter(Config(host="127.0.0.1", port=0, fifo=str(fifo)))
-    assert forker.started == ["ib-broker", "ib-serverdevice", "ib-gateway-0"]  # a FIFO instance: no demo driver
+    assert forker.started == ["ib-broker", "ib-gateway-0"]  # a FIFO instance: no demo driver
 
     arbiter._fifo_line("start", "indi_simulator_ccd", {"INDIDEV": "My CCD"})
     assert forker.started[-1] == "ib-exdriver-0"  # the first driver brings its worker
@@ -503,7 +504,7 @@ def test_stop_all_goes_in_order_and_forgets_its_children(make_arbiter: ArbiterMa
     monkeypatch.setattr(arbiter_module, "signal_group", signal_group)
     arbiter.stop_all()
     assert [n for n, sig in signalled if sig == signal.SIGTERM] == \
-        ["gateway-0", "gateway-1", "serverdevice", "exdriver-0", "broker"]
+        ["gateway-0", "gateway-1", "exdriver-0", "broker"]
     assert all(c.proc is None and c.lifeline == -1 and c.lifecycle.state.value == "STOPPED"
                for c in arbiter.children)
     assert all(c.restart_timer is None for c in arbiter.children)

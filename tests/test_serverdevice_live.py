@@ -261,8 +261,8 @@ def _status_file(b: Broker) -> dict[str, Any]:
     import json
 
     assert b.runtime_dir is not None
-    files = list((b.runtime_dir / str(b.port)).glob("run-*/status/serverdevice.json"))
-    return dict(json.loads(files[0].read_text())) if files else {}
+    files = list((b.runtime_dir / str(b.port)).glob("run-*/status/gateway-0.json"))  # its host
+    return dict(json.loads(files[0].read_text()).get("server_device", {})) if files else {}
 
 
 def _watched(b: Broker) -> bool:

@@ -40,10 +40,6 @@ def run_role(kind: str, settings: WorkerSettings, inheritance: Inheritance) -> i
         from indibroker.workers.remote import RemoteBridge
 
         worker = RemoteBridge
-    elif kind == "serverdevice":
-        from indibroker.workers.serverdevice import ServerDevice
-
-        worker = ServerDevice
     else:
         raise ValueError(f"unknown worker kind {kind!r}")
     return worker.main(settings, inheritance)

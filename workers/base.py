@@ -17,13 +17,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
 
 from indibroker.broker.hosts import JoinLink
 from indibroker.broker.runtime import RuntimeDir, StatusFile, configure_logging, lifeline_fd
-from indibroker.workers.backbone import Backbone, BackboneLink
+from indibroker.workers.backbone import Backbone, BackboneLink, MessageHandler
 from indibroker.workers.linebuffer import LineBuffer
 from indibroker.workers.reactor import Reactor
 from indibroker.workers.settings import Inheritance, WorkerSettings
@@ -72,6 +73,14 @@ class Worker:
                 report=self._host_report if link is not None else None,
             )
         self.backbone = backbone
+
+    def guest_backbone(self, name: str, on_message: MessageHandler, devices: Callable[[], Iterable[str]],
+                       registered_again: Callable[[], None]) -> BackboneLink:
+        """A backbone connection of its own, in this process, for a guest that owns devices as a
+        driver does (the server device, in the first gateway): same loop, same ZeroMQ context."""
+        assert self.ctx is not None, "connect() first"
+        return Backbone(self.reactor, self.ctx, self.runtime.broker_endpoint, "driver", name, on_message,
+                        devices, lambda: [], registered_again, instance=self.runtime.instance)
 
     # -- for subclasses ---------------------------------------------------------------------
     def setup(self) -> None: ...

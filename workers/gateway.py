@@ -32,6 +32,7 @@ from indibroker.workers.blobroom import BlobRoom, Signal
 from indibroker.workers.clients import Client, Connections
 from indibroker.workers.codec import Element
 from indibroker.workers.interest import union
+from indibroker.workers.serverdevice import ServerDevice
 from indibroker.workers.settings import GatewaySettings, Inheritance
 from indibroker.workers.traffic import Traffic
 
@@ -62,6 +63,7 @@ class Gateway(Worker):
         self.access = settings.access
         self.traffic = Traffic()  # -vv / -vvv
         self._refusals = RateLimitedLog(log)
+        self.server_device: ServerDevice | None = None  # the first gateway hosts it
         # Pings answered once the broker has our interests (see `_ping`): how many interest
         # changes we made, how many the broker has confirmed, and the pings waiting for it.
         self._interest_changes = 0
@@ -76,9 +78,23 @@ class Gateway(Worker):
     def setup(self) -> None:
         listener = self.connections.start()
         log.info("%s listening on %s", self.name, listener.getsockname()[:2])
+        if self.settings.server_device is not None:
+            device = self.server_device = ServerDevice(self.settings.server_device, runtime=self.runtime,
+                                                       reactor=self.reactor, changed=self.status_changed)
+            device.connect(self.guest_backbone(device.name, device.on_backbone, device.owned_devices,
+                                               device.registered_again))
+            device.setup()
 
     def shutdown(self) -> None:
         self.connections.close()
+        if self.server_device is not None:
+            self.server_device.shutdown()
+
+    def on_command(self, command: dict[str, Any]) -> None:
+        super().on_command(command)
+        if command.get("cmd") == "hello" and self.server_device is not None:  # a restarted broker
+            self.server_device.backbone.hello()
+            self.server_device.registered_again()
 
     def interests(self) -> list[tuple[str, str, int]]:
         return sorted(union(c.interest for c in self.clients.values()))
@@ -100,7 +116,9 @@ class Gateway(Worker):
 
     def status(self) -> dict[str, Any]:
         clients = list(self.clients.values())
+        device = {"server_device": self.server_device.status()} if self.server_device is not None else {}
         return {
+            **device,
             "clients": len(clients),
             "peers": sorted(c.peer for c in clients),
             # For the server device (as of this file's last write: connections and drops write it).

@@ -1,9 +1,12 @@
 """The server device: indibroker's supervision as an INDI device every client can show and use.
 
-It owns one device on the backbone, as a driver does (HELLO names it; a restarted broker is told
-again), so KStars' INDI Control Panel, indi_getprop/indi_setprop, indipyclient or PyIndi see the
-server, each driver and worker, the clients, and switches to stop, start and restart drivers,
-start a new one, and set the log level (workers/devicemodel.py makes the properties).
+It lives in the first gateway's process, as a guest with a backbone connection of its own: it
+owns one device there, as a driver does (HELLO names it; a restarted broker is told again), so
+it survives a broker restart like any worker and costs no process of its own (a forked worker
+is about 8 MB PSS; the guest, a few hundred KB). KStars' INDI Control Panel,
+indi_getprop/indi_setprop, indipyclient or PyIndi see the server, each driver and worker, the
+clients, and switches to stop, start and restart drivers, start a new one, and set the log level
+(workers/devicemodel.py makes the properties).
 
 Where the state comes from: the arbiter's control socket (`status`, as `indibroker status`),
 asked without blocking this loop (`ControlCall`: the single-threaded arbiter may be writing to
@@ -23,18 +26,20 @@ from __future__ import annotations
 import logging
 import shlex
 import time
+from collections.abc import Callable
 from typing import Any
 
 from indibroker import __version__
 from indibroker.broker import wire
 from indibroker.broker.control import ControlCall, driver_request
 from indibroker.broker.ratelog import RateLimitedLog
+from indibroker.broker.runtime import RuntimeDir
 from indibroker.workers import devicemodel, indi
-from indibroker.workers.base import Worker
+from indibroker.workers.backbone import BackboneLink
 from indibroker.workers.codec import StreamDecoder
 from indibroker.workers.devicemodel import Hold, Names, Snapshot
-from indibroker.workers.reactor import Timer
-from indibroker.workers.settings import Inheritance, ServerDeviceSettings
+from indibroker.workers.reactor import Reactor, Timer
+from indibroker.workers.settings import ServerDeviceSettings
 
 __all__ = ["ServerDevice"]
 
@@ -50,14 +55,19 @@ ALERT = 5.0  # seconds a refused request shows Alert
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, as the driver workers wait
 
 
-class ServerDevice(Worker):
-    role = "serverdevice"
-    backbone_role = "driver"
+class ServerDevice:
+    """Hosted by a worker (`Gateway`), which gives it its loop, the runtime directory, a backbone
+    connection of its own (`connect`), and `changed` to call when its status changes."""
 
-    settings: ServerDeviceSettings
+    backbone: BackboneLink
 
-    def __init__(self, settings: ServerDeviceSettings, inheritance: Inheritance | None = None, **kw: Any):
-        super().__init__(settings, inheritance, **kw)
+    def __init__(self, settings: ServerDeviceSettings, *, runtime: RuntimeDir, reactor: Reactor,
+                 changed: Callable[[], None] = lambda: None):
+        self.settings = settings
+        self.name = settings.name
+        self.runtime = runtime
+        self.reactor = reactor
+        self.status_changed = changed
         self.device = settings.device
         self.address = f"{settings.host or '*'}:{settings.port}"
         self.version = __version__  # not importlib.metadata: 2 MB of imports for one string
@@ -77,13 +87,18 @@ class ServerDevice(Worker):
         self._hold_timer: Timer | None = None
         self._warn = RateLimitedLog(log, 60.0)
 
-    # -- worker hooks -----------------------------------------------------------------------
+    # -- what its host calls ------------------------------------------------------------------
+    def connect(self, backbone: BackboneLink) -> None:
+        self.backbone = backbone
+
     def setup(self) -> None:
         self._poll()  # one snapshot, to answer the first getProperties from
 
     def shutdown(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._hold_timer):
+            if timer is not None:
+                timer.cancel()
+        self.backbone.close()
 
     def owned_devices(self) -> list[str]:
         return [self.device]

@@ -48,6 +48,7 @@ class GatewaySettings(WorkerSettings):
     listen_fd: int = -1  # the arbiter's listening socket, inherited (-1: listen on host:port itself)
     local_socket: str = ""  # indiserver's local socket (`-u`) for local clients ("": none)
     local_fd: int = -1  # ... listening, inherited from the arbiter (-1: listen on it itself)
+    server_device: ServerDeviceSettings | None = None  # the server device, hosted by the first gateway
 
 
 @dataclass(frozen=True)
