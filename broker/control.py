@@ -226,10 +226,12 @@ class ControlCall:
         self.on_reply = on_reply
         self.out = memoryview(_encode(payload))
         self.data = bytearray()
-        self.sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
+        self.sock: socket.socket | None = None
+        self.finished = False
         self.timer = reactor.call_later(timeout, lambda: self._done(error="no reply in time"))
-        try:
+        try:  # out of descriptors (the host process's clients took them) is a failed call, no more
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.setblocking(False)
             self.sock.connect(str(path))  # a Unix socket connects at once, or not at all
         except OSError as exc:
             error = f"cannot reach indibroker: {exc.strerror or exc}"
@@ -266,10 +268,12 @@ class ControlCall:
                 self._done(error=str(exc))
 
     def _done(self, reply: dict[str, Any] | None = None, error: str = "") -> None:
-        if self.sock is None:
+        if self.finished:
             return  # already answered (the timer and the socket may both fire)
+        self.finished = True
         self.timer.cancel()
-        self.reactor.forget(self.sock.fileno())
-        self.sock.close()
-        self.sock = None
+        if self.sock is not None:
+            self.reactor.forget(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
         self.on_reply(reply if reply is not None else {"ok": False, "error": error})

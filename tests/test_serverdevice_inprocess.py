@@ -142,3 +142,25 @@ def test_polling_stops_when_no_client_is_left_and_starts_again_when_one_asks(dev
     arbiter.clients = 1
     worker.on_backbone(wire.GETP, DEV, "DRIVERS", b"", b"")
     turn_until(worker.reactor, lambda: worker.polls > polls + 1, what="polling again for a new client")
+
+
+def test_out_of_descriptors_a_poll_fails_and_the_next_one_is_made(device, monkeypatch) -> None:
+    """The device lives in a gateway, whose clients may take every descriptor: a poll that
+    cannot open a socket is a failed poll (logged), never an exception in the gateway's loop, and
+    polling goes on once descriptors are back."""
+    import errno
+    import socket as socket_module
+
+    worker, _arbiter, _backbone = device
+    real = socket_module.socket
+
+    def no_descriptors(*args: Any, **kw: Any) -> socket_module.socket:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket_module, "socket", no_descriptors)
+    worker.on_backbone(wire.GETP, "", "", b"", b"")  # a client watches: polls begin
+    before = worker.polls
+    turn_until(worker.reactor, lambda: worker.polls >= before + 2, what="failed polls, answered")
+    monkeypatch.setattr(socket_module, "socket", real)
+    failed = worker.polls
+    turn_until(worker.reactor, lambda: worker.polls > failed and worker.base, what="a poll that works")
