@@ -17,6 +17,11 @@ import os
 import socket
 import stat
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # this module is imported first thing: nothing it does not need at run time
+    from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["resolve_listen", "listen", "listen_local", "local_address", "BACKLOG", "INDI_PORT",
            "INDISERVER_LOCAL_SOCKET"]
@@ -41,16 +46,12 @@ def listen(host: str, port: int) -> socket.socket:
     new connections over them (one socket shared by every gateway went mostly to one)."""
     family, addr = resolve_listen(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
+
+    def options() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-        sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
+
+    return _bind_and_listen(sock, addr, options)
 
 
 def local_address(path: str) -> str:
@@ -64,11 +65,19 @@ def listen_local(path: str) -> socket.socket:
     """indiserver's local socket (`-u`): libindi clients given "localhost:" or "localhost:/path"
     connect here and receive BLOBs as shared buffers. One socket, shared by every gateway.
     OSError (EADDRINUSE) if another server has it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        address = local_address(path)
+    address = local_address(path)
+
+    def remove_stale() -> None:
         if not address.startswith("\0") and os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
             os.unlink(path)  # a dead server's socket file (never any other kind of file)
+
+    return _bind_and_listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), address, remove_stale)
+
+
+def _bind_and_listen(sock: socket.socket, address: Any, prepare: Callable[[], None]) -> socket.socket:
+    """`prepare`, bind, listen: a non-blocking listening socket, or OSError with `sock` closed."""
+    try:
+        prepare()
         sock.bind(address)
         sock.listen(BACKLOG)
     except OSError:

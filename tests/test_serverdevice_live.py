@@ -267,3 +267,21 @@ def _status_file(b: Broker) -> dict[str, Any]:
 
 def _watched(b: Broker) -> bool:
     return bool(_status_file(b).get("watched"))
+
+
+def test_the_clients_tab_lists_each_connection(run):
+    """The device's CONNECTIONS: each client's address (its label), queued bytes and BLOBs dropped,
+    from the gateways' status files."""
+    b = run("--exdriver", SCOPE_DRV)
+    c = watcher(b.port)
+    try:
+        host, port = c.sock.getsockname()[:2]
+        me = f"{host}:{port}"
+
+        def lists_me(e: Any) -> bool:
+            return e.tag == "defTextVector" and e.get("device") == DEV and e.get("name") == "CONNECTIONS" \
+                and any(one.get("label") == me and "bytes queued" in (one.text or "") for one in e.root)
+
+        c.wait_for(lists_me, 15, what=f"a connection row for {me}")
+    finally:
+        c.close()

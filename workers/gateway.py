@@ -44,6 +44,7 @@ GETP_COALESCE = 2.0  # seconds a getProperties waiting for its first answer stan
 ASKED_MAX = 1024  # pending questions remembered before stale ones are forgotten
 RESTART_NOTICE_GAP = 5.0  # seconds: one notice to clients per broker restart
 STATUS_CONNECTIONS = 256  # clients detailed in the status file, at most
+CONNECTIONS_REFRESH = 5.0  # seconds: their queues and drops rewritten this often, if they changed
 
 
 class Gateway(Worker):
@@ -64,6 +65,7 @@ class Gateway(Worker):
         self.traffic = Traffic()  # -vv / -vvv
         self._refusals = RateLimitedLog(log)
         self.server_device: ServerDevice | None = None  # the first gateway hosts it
+        self._connections_written: object = None  # the connections' figures as last written
         # Pings answered once the broker has our interests (see `_ping`): how many interest
         # changes we made, how many the broker has confirmed, and the pings waiting for it.
         self._interest_changes = 0
@@ -76,6 +78,7 @@ class Gateway(Worker):
 
     # -- lifecycle --------------------------------------------------------------------------
     def setup(self) -> None:
+        self.reactor.call_later(CONNECTIONS_REFRESH, self._refresh_connections)
         listener = self.connections.start()
         log.info("%s listening on %s", self.name, listener.getsockname()[:2])
         if self.settings.server_device is not None:
@@ -125,6 +128,19 @@ class Gateway(Worker):
             "connections": [{"address": c.peer, "queued": c.out.bytes + c.out.held if c.out else 0,
                              "blobs_dropped": c.blobs_dropped} for c in clients[:STATUS_CONNECTIONS]],
         }
+
+    def _refresh_connections(self) -> None:
+        """Clients' queues and drops change with every message: the status file (which the
+        server device shows) is rewritten every CONNECTIONS_REFRESH seconds if they changed,
+        never per message, and not at all while nothing changes."""
+        self.reactor.call_later(CONNECTIONS_REFRESH, self._refresh_connections)
+        if not self.clients:
+            return
+        figures = [(c.fd, c.out.bytes if c.out else 0, c.blobs_dropped)
+                   for c in list(self.clients.values())[:STATUS_CONNECTIONS]]
+        if figures != self._connections_written:
+            self._connections_written = figures
+            self.status_changed()
 
     def _dropped(self, client: Client) -> None:
         if self.room.full:
