@@ -23,25 +23,27 @@ from __future__ import annotations
 
 import binascii
 import fcntl
+import functools
 import logging
 import mmap
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from lxml import etree
 
 from indibroker.broker.ratelog import RateLimitedLog
 
+_b64encode: Callable[[Any], bytes]
+_b64decode: Callable[[Any], bytes]
 try:  # SIMD base64 (x86-64 and arm64 wheels): 16 times binascii's speed on a 1.3 MB frame
-    from pybase64 import b64decode as _b64decode
-    from pybase64 import b64encode as _b64encode
-except ImportError:  # elsewhere, the standard library's
-    def _b64encode(data: Any) -> bytes:
-        return binascii.b2a_base64(data, newline=False)
+    import pybase64
 
-    def _b64decode(text: Any) -> bytes:
-        return binascii.a2b_base64(text)
+    _b64encode, _b64decode = pybase64.b64encode, pybase64.b64decode
+except ImportError:  # elsewhere, the standard library's
+    _b64encode = functools.partial(binascii.b2a_base64, newline=False)
+    _b64decode = binascii.a2b_base64
 
 __all__ = ["SHARED_ATTR", "SharedBufferError", "SharedFd", "SharedBlob", "reference", "resolve",
            "inline", "to_attached"]
