@@ -258,27 +258,42 @@ def secure_client(sock: zmq.Socket, link: JoinLink) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1000, int(link.heartbeat * 2000)))
 
 
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def host_rows(hosts: dict[str, Any]) -> list[dict[str, Any]]:
     """`indibroker status` rows for the joined hosts, from the broker's status file: one row per
-    host (its link's state since when), then its workers and drivers as the host reports them."""
+    host (its link's state since when), then its workers and drivers as the host reports them.
+    A host's report is a peer's word: every field is taken for the type it must have, or left
+    out (the server device, in a gateway, builds INDI properties from these rows)."""
     rows: list[dict[str, Any]] = []
     for name, info in sorted(hosts.items()):
-        rows.append({"role": "host", "name": name, "pid": None, "state": info.get("link", "?"),
+        rows.append({"role": "host", "name": name, "pid": None, "state": _text(info.get("link")) or "?",
                      "restarts": 0, "uptime": None, "cpu_percent": None, "rss": None, "last_exit": "",
-                     "link": info.get("link"), "link_since": info.get("since"), "host": name})
-        for worker in info.get("workers", []):
+                     "link": _text(info.get("link")), "link_since": _number(info.get("since")), "host": name})
+        for worker in _list(info.get("workers")):
             if not isinstance(worker, dict):
                 continue
-            rows.append({"role": worker.get("role"), "name": f"{name}/{worker.get('name')}",
-                         "pid": worker.get("pid"), "state": "RUNNING", "restarts": 0,
-                         "uptime": worker.get("uptime"), "cpu_percent": worker.get("cpu_percent"),
-                         "rss": worker.get("rss"), "last_exit": "", "host": name})
-            for driver in worker.get("drivers", []):
+            rows.append({"role": _text(worker.get("role")) or "worker", "name": f"{name}/{_text(worker.get('name'))}",
+                         "pid": _number(worker.get("pid")), "state": "RUNNING", "restarts": 0,
+                         "uptime": _number(worker.get("uptime")), "cpu_percent": _number(worker.get("cpu_percent")),
+                         "rss": _number(worker.get("rss")), "last_exit": "", "host": name})
+            for driver in _list(worker.get("drivers")):
                 if isinstance(driver, dict):
-                    rows.append({"role": "driver", "name": f"{name}/{driver.get('name')}",
-                                 "pid": driver.get("pid"), "state": driver.get("state"),
-                                 "restarts": driver.get("restarts", 0), "uptime": driver.get("uptime"),
-                                 "cpu_percent": driver.get("cpu_percent"), "rss": driver.get("rss"),
-                                 "devices": driver.get("devices", []), "last_exit": driver.get("last_exit", ""),
-                                 "host": name})
+                    rows.append({"role": "driver", "name": f"{name}/{_text(driver.get('name'))}",
+                                 "pid": _number(driver.get("pid")), "state": _text(driver.get("state")),
+                                 "restarts": _number(driver.get("restarts")) or 0,
+                                 "uptime": _number(driver.get("uptime")),
+                                 "cpu_percent": _number(driver.get("cpu_percent")), "rss": _number(driver.get("rss")),
+                                 "devices": [d for d in _list(driver.get("devices")) if isinstance(d, str)],
+                                 "last_exit": _text(driver.get("last_exit")), "host": name})
     return rows

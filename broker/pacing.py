@@ -95,6 +95,13 @@ class BlobPacing:
             del self.outstanding[device]
         return count
 
+    def drop_device(self, device: str) -> None:
+        """The peer that sent the device's BLOBs has registered again (restarted, or reconnected:
+        it has forgotten them too): their numbering starts afresh."""
+        self.outstanding.pop(device, None)
+        for key in [k for k in self.owed if k[1] == device]:
+            del self.owed[key]
+
     def on_full(self, peer: bytes, device: str, targets: Collection[bytes]) -> bool:
         """`peer` is full for `device`, whose BLOBs go to `targets`: True when the owner should
         pause (again: the owner's own bound may have resumed it meanwhile)."""

@@ -96,6 +96,7 @@ class Broker:
         # Commands for devices whose definitions are still on their way (see `_on_new`).
         self._awaiting: dict[str, list[tuple[float, bytes, bytes]]] = {}
         self._awaiting_bytes = 0
+        self._blob_senders: dict[str, bytes] = {}  # device -> who sent its BLOBs last (their DONEs go there)
         self._verbs: dict[bytes, Handler] = {
             wire.HB: self._on_heartbeat, wire.ECHO: self._on_echo,
             wire.DEF: self._on_driver_output, wire.SET: self._on_driver_output,
@@ -311,23 +312,28 @@ class Broker:
             table.release(ident, device)
             self.on_change()
         shared = flags == wire.FLAG_SHARED
+        if shared and (not device or ident in self._host_of):
+            # A shared buffer names a descriptor on this computer: none without a device (it could
+            # not be paced or closed), and none from a host (it would name one of ours).
+            self._refusals.warning(("shared", ident), "dropped a shared-buffer message from %s",
+                                   table.peers[ident].name)
+            return
         blob = shared or flags == wire.FLAG_BLOB
         targets = table.targets(device, name, blob)
         if blob and device and self._host_of:
-            if shared:  # a buffer on this computer: no use on another (and no host may name ours)
-                if ident in self._host_of:
-                    self._refusals.warning(("shared", ident), "dropped a shared-buffer BLOB from %s",
-                                           table.peers[ident].name)
-                    return
+            if shared:  # a buffer on this computer: no use on another
                 targets = [t for t in targets if t not in self._host_of]
             else:
                 targets = self._bound_host_blobs(targets, device, len(payload))
         for target in targets:
             self._queue(target, head, payload)
         if blob and device:
-            # A shared buffer's every taker says DONE once it has it (its owner then closes it);
-            # of a BLOB in the message itself, gateways only (pacing).
-            takers = targets if shared else [t for t in targets if table.peers[t].role == "gateway"]
+            self._blob_senders[device] = ident
+            # A shared buffer's every taker says DONE once it has it (its owner then closes it;
+            # the owner's own worker, snooping it, has it already); of a BLOB in the message
+            # itself, gateways only (pacing).
+            takers = [t for t in targets if t != ident] if shared else \
+                [t for t in targets if table.peers[t].role == "gateway"]
             done = self.pacing.routed(device, takers)
             if done:
                 self._flow(ident, device, wire.FLOW_DONE, done)
@@ -412,11 +418,18 @@ class Broker:
         if pending:  # a joined host's gateway has one BLOB fewer on its way
             self._host_blob_bytes[ident] -= pending.popleft()
         owner = self.table.owner(device)
+        if flags == wire.FLOW_DONE:
+            # Settled and told to the peer that sent the device's BLOBs, whoever owns it now: a
+            # DONE that comes after its driver's DEL still counts (an owner's DONEs come in
+            # order: one lost would hold back every later one, and its shared buffers with them).
+            done = self.pacing.done(ident, device)
+            sender = self._blob_senders.get(device)
+            if done and sender is not None and sender != ident and sender in self.table.peers:
+                self._flow(sender, device, flags, done)
+            return
         if owner is None or owner == ident:
             return
-        if flags == wire.FLOW_DONE:
-            self._flow(owner, device, flags, self.pacing.done(ident, device))
-        elif flags == wire.FLOW_FULL:
+        if flags == wire.FLOW_FULL:
             if self.pacing.on_full(ident, device, self.table.targets(device, name, True)):
                 self._flow(owner, device, flags)
         elif self.pacing.on_open(ident, device):
@@ -439,6 +452,9 @@ class Broker:
             self._refusals.warning(ident, "refused hello from %r: %s", ident, exc)
             return
         self._unpace(ident)
+        for device in [d for d, sender in self._blob_senders.items() if sender == ident]:
+            self.pacing.drop_device(device)  # it forgot what it sent: DONEs for those go nowhere
+            del self._blob_senders[device]
         self._host_blobs.pop(ident, None)  # a gateway (re)starting owes no DONE
         self._host_blob_bytes.pop(ident, None)
         name = f"{host}/{data['name']}" if host else data["name"]
@@ -498,11 +514,14 @@ class Broker:
     def _unpace(self, ident: bytes) -> None:
         """A peer (re)starts or goes: its FULLs no longer hold, its DONEs are not waited for."""
         resume, finished = self.pacing.forget(ident)
-        for device, flags, count in [(d, wire.FLOW_OPEN, 1) for d in resume] + \
-                [(d, wire.FLOW_DONE, n) for d, n in finished]:
+        for device in resume:
             owner = self.table.owner(device)
             if owner is not None and owner != ident:
-                self._flow(owner, device, flags, count)
+                self._flow(owner, device, wire.FLOW_OPEN)
+        for device, count in finished:
+            sender = self._blob_senders.get(device)
+            if sender is not None and sender != ident and sender in self.table.peers:
+                self._flow(sender, device, wire.FLOW_DONE, count)
 
     def _flow(self, ident: bytes, device: str, flags: bytes, count: int = 1) -> None:
         """Tell a device's owner FLOW `flags` (pause, resume, or `count` BLOBs done)."""

@@ -62,6 +62,9 @@ _NO_FDS = (errno.EMFILE, errno.ENFILE)
 _ACCEPT_SKIP = (errno.ECONNABORTED, errno.EPERM, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH)
 NO_FDS_TEXT = "indibroker: server out of file descriptors; connection refused"
+# Messages with shared buffers queued for one local client at most: each holds a descriptor of
+# the gateway's until it is passed (a stalled client with small BLOBs would take them all).
+MAX_QUEUED_ATTACHED = 64
 # A client of the local socket is on this machine: the access rules see it as a TCP client of
 # this machine would be seen, from the loopback address.
 LOCAL_HOST = "127.0.0.1"
@@ -486,7 +489,7 @@ class Connections:
             self.drop(client, f"too slow: {queued} bytes queued, over {self.max_queue_bytes}",
                       level=logging.WARNING)
             return
-        if blob and out.backlog() > self.blob_drop_bytes:
+        if blob and (out.backlog() > self.blob_drop_bytes or (buffers and out.attached >= MAX_QUEUED_ATTACHED)):
             client.blobs_dropped += 1
             if client.blobs_dropped in (1, 10, 100) or client.blobs_dropped % 1000 == 0:
                 log.warning("client %s is %d bytes behind: %d streaming BLOB(s) dropped",
@@ -525,6 +528,7 @@ class Connections:
                 # those commands read and routed: stop writing, keep reading until EOF.
                 log.debug("client %s: write failed (%s); reading what is left", client.peer, exc)
                 client.write_dead = True
+                out.clear()  # what it will never be sent, shared buffers included, goes now
                 done = True
         if done:
             client.out = None  # an idle client holds no queue

@@ -60,6 +60,8 @@ __all__ = ["ExDriverWorker", "Driver"]
 log = logging.getLogger(__name__)
 
 MAX_HELD_BUFFERS = 256  # shared BLOB buffers a driver may have waiting for their DONE
+HELD_MAX_AGE = 20.0  # seconds after which a buffer no DONE came for is closed (consumers take ms)
+HELD_CHECK = 5.0  # seconds between looks for such buffers, while any is held
 ORPHAN_STOP_TIMEOUT = 1.0  # the arbiter died: a new instance may be starting, so be gone at once
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, before drivers define again
 RESTART_POLL = 0.2  # an operator's restart: how often to look whether the old process is gone
@@ -71,6 +73,9 @@ class SharedElement(Element):
 
     buffers: tuple[int, ...] = ()
     blob_bytes: int = 0  # their size: what the pacing window counts
+
+
+SKIPPED = Element(b"", etree.Element("skipped"))  # `_share_buffers`: this one goes nowhere
 
 
 def is_blob(el: Element) -> bool:
@@ -92,23 +97,45 @@ class Driver:
         self.restart_timer: Timer | None = None
         self.unfinished_timer: Timer | None = None  # armed while an element is half-read
         self.malformed = 0
-        # Per device, the shared buffers of each BLOB sent and not yet done everywhere (an empty
-        # tuple for a BLOB in base64), oldest first: the broker's DONEs come in this order.
-        self.held: dict[str, collections.deque[tuple[int, ...]]] = {}
-        self.held_count = 0  # buffers in `held`
         self.operator_restarts = 0  # restarts asked for (not crashes: those are the lifecycle's)
+        # Per device, [when sent, its shared buffers] of each BLOB sent and not yet done
+        # everywhere (no buffers for a BLOB in base64), oldest first: the broker's DONEs for the
+        # device come in this order, whatever became of the driver meanwhile.
+        self.held: dict[str, collections.deque[list[Any]]] = {}
+        self.held_count = 0  # buffers in `held`
+
+    def hold(self, device: str, buffers: tuple[int, ...]) -> None:
+        self.held.setdefault(device, collections.deque()).append([time.monotonic(), buffers])
+        self.held_count += len(buffers)
 
     def close_held(self, device: str, count: int = 1) -> None:
         """The oldest `count` BLOBs of `device` are done everywhere: close their buffers."""
         queue = self.held.get(device)
         for _ in range(count):
             if not queue:
-                return
-            for fd in queue.popleft():
-                os.close(fd)
-                self.held_count -= 1
+                break
+            self._close(queue.popleft())
         if not queue:
             self.held.pop(device, None)
+
+    def close_stale(self, older_than: float) -> int:
+        """Close the buffers of BLOBs sent before `older_than` (every consumer opens its own
+        within milliseconds: a DONE this late was lost), keeping their places for the DONEs
+        that may still come. How many were closed."""
+        closed = 0
+        for queue in self.held.values():
+            for entry in queue:
+                if entry[0] >= older_than:
+                    break
+                closed += len(entry[1])
+                self._close(entry)
+        return closed
+
+    def _close(self, entry: list[Any]) -> None:
+        for fd in entry[1]:
+            os.close(fd)
+        self.held_count -= len(entry[1])
+        entry[1] = ()
 
     def close_all_held(self) -> None:
         for device in list(self.held):
@@ -157,6 +184,7 @@ class ExDriverWorker(Worker):
         self._warn = RateLimitedLog(log)
         self.traffic = Traffic()  # -vv / -vvv
         self.drivers: dict[str, Driver] = {d.name: self._new_driver(d) for d in settings.drivers}
+        self._stale_timer: Timer | None = None
 
     def _new_driver(self, spec: DriverSettings) -> Driver:
         driver: Driver
@@ -345,6 +373,8 @@ class ExDriverWorker(Worker):
                 shared = self._share_buffers(driver, element)
                 if shared is None:
                     return  # the driver is being dropped
+                if shared is SKIPPED:
+                    continue
                 element = shared
             if pacer.admit(element):
                 self._from_driver(driver, element)
@@ -366,10 +396,24 @@ class ExDriverWorker(Worker):
             driver.process.kill()
             return None
         fds = [buffers.popleft() for _ in attached]
+        for one in el.root:  # only the names we give count
+            one.attrib.pop(sharedblob.SHARED_ATTR, "")
+        if not el.get("device"):
+            for fd in fds:
+                os.close(fd)
+            self._warn.warning(("no device", driver.name), "driver %s: setBLOBVector without a device dropped",
+                               driver.name)
+            return SKIPPED
         try:
             sizes = [int(one.get("size") or 0) for one in attached]
             if any(os.fstat(fd).st_size < size for fd, size in zip(fds, sizes, strict=True)):
                 raise ValueError("its buffer is smaller than the size it gives")
+            # A buffer its driver could still shrink would kill a consumer reading it (SIGBUS):
+            # one that is not sealed is copied into one that is (libindi's are sealed).
+            for i, (fd, size) in enumerate(zip(fds, sizes, strict=True)):
+                if not sharedblob.sealed(fd):
+                    fds[i] = sharedblob.sealed_copy(fd, size)
+                    os.close(fd)
             if not self.settings.share_blobs or driver.held_count + len(fds) > MAX_HELD_BUFFERS:
                 if self.settings.share_blobs:  # else BLOBs cross hosts: always in base64
                     self._warn.warning(("held", driver.name), "driver %s: %d BLOB buffers not yet taken "
@@ -437,9 +481,9 @@ class ExDriverWorker(Worker):
                 flags, size = wire.FLAG_SHARED, el.blob_bytes
             self.backbone.send(verb, device, name, flags, el.raw)
             if flags and device:
-                buffers = el.buffers if type(el) is SharedElement else ()
-                driver.held.setdefault(device, collections.deque()).append(buffers)
-                driver.held_count += len(buffers)
+                driver.hold(device, el.buffers if type(el) is SharedElement else ())
+                if driver.held_count and self._stale_timer is None:
+                    self._stale_timer = self.reactor.call_later(HELD_CHECK, self._close_stale)
                 self._pause_timer(driver, driver.pacer.sent(device, size))
         elif tag == "pingRequest":
             self._to_driver(driver, indi.ping_reply(el.get("uid")))
@@ -504,17 +548,30 @@ class ExDriverWorker(Worker):
                         driver.interest.wants(device, name, blob):
                     self._to_driver(driver, payload)
         elif verb == wire.FLOW:
+            if flags == wire.FLOW_DONE:  # for the driver that sent it, running or not
+                sender = next((d for d in self.drivers.values() if device in d.held), None)
+                if sender is not None:
+                    sender.close_held(device)
             owner = self._owner(device)
             if owner is None:
                 return
             pacer = owner.pacer
             if flags == wire.FLOW_DONE:
-                owner.close_held(device)
                 self._paced(owner, pacer.done(device))
             elif flags == wire.FLOW_FULL:
                 self._paced(owner, pacer.on_full())
             else:
                 self._paced(owner, pacer.on_open())
+
+    def _close_stale(self) -> None:
+        """The backstop for DONEs that never come (a message the broker could not queue)."""
+        self._stale_timer = None
+        older = time.monotonic() - HELD_MAX_AGE
+        closed = sum(d.close_stale(older) for d in self.drivers.values())
+        if closed:
+            self._warn.warning("stale", "closed %d BLOB buffer(s) no DONE came for in %.0f s", closed, HELD_MAX_AGE)
+        if any(d.held_count for d in self.drivers.values()):
+            self._stale_timer = self.reactor.call_later(HELD_CHECK, self._close_stale)
 
     def _take_shared(self, device: str, payload: bytes) -> bytes:
         """A shared BLOB sent to us: in base64, and DONE said (its owner may close its buffers);

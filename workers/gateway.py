@@ -278,6 +278,8 @@ class Gateway(Worker):
     def _deliver_shared(self, device: str, payload: bytes, takers: list[Client]) -> None:
         """A BLOB in shared buffers: local-socket clients get the buffers themselves, TCP
         clients the same BLOB in base64, encoded once for all of them."""
+        if not device:  # never routed so (broker/router.py); a buffer is named only with its device
+            return
         try:
             blob = sharedblob.resolve(payload)
         except (sharedblob.SharedBufferError, OSError, etree.XMLSyntaxError) as exc:

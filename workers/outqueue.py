@@ -65,6 +65,11 @@ class OutQueue:
         self.written = 0
         self.moved = time.monotonic()  # when the peer last took bytes (or the queue was made)
 
+    @property
+    def attached(self) -> int:
+        """Messages with shared buffers queued."""
+        return self._attached
+
     def __bool__(self) -> bool:
         return self.bytes > 0
 

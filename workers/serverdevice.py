@@ -23,6 +23,7 @@ left, polling stops.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 import time
@@ -53,6 +54,19 @@ FIRST_USAGE = 2.0  # CPU and memory once a client has watched this long: one tha
 HOLD = 10.0  # seconds a pressed switch shows Busy at most, waiting for the state it asked for
 ALERT = 5.0  # seconds a refused request shows Alert
 REDEFINE_DELAY = 1.0  # after registering with a restarted broker, as the driver workers wait
+
+
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """What the device does for a message or a reply cannot take its host down: a failure
+    (a bug, a status row of a shape not foreseen) is logged, rate-limited, and the gateway goes
+    on serving its clients."""
+    @functools.wraps(method)
+    def run(self: ServerDevice, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception as exc:  # noqa: BLE001 - the host's loop must not see it
+            self._warn.error(("failed", method.__name__), "server device: %s failed: %r", method.__name__, exc)
+    return run
 
 
 class ServerDevice:
@@ -109,6 +123,7 @@ class ServerDevice:
     def status(self) -> dict[str, Any]:
         return {"device": self.device, "watched": self.watched_at is not None}
 
+    @_guarded
     def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if verb == wire.GETP and device in ("", self.device):
             self._watch()
@@ -147,6 +162,16 @@ class ServerDevice:
     def _polled(self, reply: dict[str, Any], usage: bool) -> None:
         self._in_flight = False
         self.polls += 1
+        try:
+            self._take(reply, usage)
+        finally:  # whatever the reply was, polling goes on while a client watches
+            if self._again or self.watched_at is not None:
+                delay = 0.0 if self._again else POLL
+                self._again = False
+                self._timer = self.reactor.call_later(delay, self._poll)
+
+    @_guarded
+    def _take(self, reply: dict[str, Any], usage: bool) -> None:
         now = time.monotonic()
         rows = reply.get("status")
         if not reply.get("ok") or not isinstance(rows, list):
@@ -163,10 +188,6 @@ class ServerDevice:
             self.polled_at = now
         asked, self._asked = self._asked, []
         self._show(asked)
-        if self._again or self.watched_at is not None:
-            delay = 0.0 if self._again else POLL
-            self._again = False
-            self._timer = self.reactor.call_later(delay, self._poll)
 
     def _show(self, asked: list[str] | None = None) -> None:
         """Send clients what changed since they were last sent anything, and answer the

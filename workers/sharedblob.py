@@ -201,25 +201,45 @@ def to_attached(payload: bytes) -> tuple[bytes, list[SharedFd]]:
     sealed memory buffer, the message in its attached form (as indiserver converts it)."""
     root = etree.fromstring(payload, _PARSER)
     buffers: list[SharedFd] = []
-    for one in root:
-        if one.get("attached") == "true" or not (one.text or "").strip():
-            continue
-        data = _b64decode(one.text or "")
-        buffers.append(_memfd(data))
-        one.text = None
-        one.attrib.pop("enclen", "")
-        one.set("attached", "true")
-        if one.get("size") is None:
-            one.set("size", str(len(data)))
+    try:
+        for one in root:
+            if one.get("attached") == "true" or not (one.text or "").strip():
+                continue
+            data = _b64decode(one.text or "")
+            buffers.append(_memfd(data))
+            one.text = None
+            one.attrib.pop("enclen", "")
+            one.set("attached", "true")
+            if one.get("size") is None:
+                one.set("size", str(len(data)))
+    except BaseException:
+        for buffer in buffers:  # those made before the one that failed
+            buffer.release()
+        raise
     return etree.tostring(root) + b"\n", buffers
+
+
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def sealed(fd: int) -> bool:
+    """Whether nobody can shrink, grow or write the buffer any more (libindi seals its own)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS == _SEALS
+    except OSError:  # not a memfd
+        return False
+
+
+def sealed_copy(fd: int, size: int) -> int:
+    """A sealed copy of the first `size` bytes of `fd` (a new descriptor)."""
+    return _memfd(os.pread(fd, size, 0)).fd
 
 
 def _memfd(data: bytes) -> SharedFd:
     fd = os.memfd_create("indibroker-blob", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         _write_all(fd, data)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-                    | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
     except OSError:
         os.close(fd)
         raise
