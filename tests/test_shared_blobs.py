@@ -139,3 +139,46 @@ def test_a_stalled_client_paces_the_stream_and_a_dead_gateway_frees_its_buffers(
     wait_until(lambda: any(p.name().startswith("ib-gateway") and p.pid != gateway.pid for p in broker.tree()),
                15, what="the gateway restarted")
     wait_until(lambda: _memfds(worker) <= 2, 15, what="the dead gateway's buffers released by the worker")
+
+
+def test_indilibs_own_client_on_the_local_socket_gets_the_frame_a_tcp_client_gets(ccd: tuple[Broker, str]) -> None:
+    """PyIndi (pyindi-client: libindi's BaseClient, which connects to "localhost:/path" over the
+    local socket and maps attached buffers) receives the same exposure as a raw TCP client."""
+    import threading
+
+    PyIndi = pytest.importorskip("PyIndi")
+    broker, local = ccd
+
+    class Client(PyIndi.BaseClient):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.frames: list[bytes] = []
+            self.got = threading.Event()
+
+        def updateProperty(self, prop) -> None:  # noqa: N802 - libindi's name
+            if prop.getType() == PyIndi.INDI_BLOB:
+                for blob in PyIndi.PropertyBlob(prop):
+                    self.frames.append(bytes(blob.getblobdata()))
+                self.got.set()
+
+    tcp, loc = _connected(broker, local)
+    loc.close()
+    client = Client()
+    client.setServer(f"localhost:{local}", broker.port)
+    assert client.connectServer()
+    try:
+        wait_until(lambda: client.getDevice(CCD) and client.getDevice(CCD).getNumber("CCD_EXPOSURE"), 15,
+                   what="PyIndi sees the CCD")
+        client.setBLOBMode(PyIndi.B_ALSO, CCD, None)
+        # Its enableBLOB goes out on its own thread, with nothing to tell when it is in effect:
+        # exposures until one reaches it (bounded), each also taken by the TCP client.
+        for _ in range(10):
+            tcp.send(new_vector("Number", CCD, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": "0.05"}))
+            if client.got.wait(3):
+                break
+        assert client.frames, "PyIndi got no frame over the local socket"
+        frame = client.frames[-1]
+        assert frame.startswith(b"SIMPLE  =") and len(frame) % 2880 == 0
+        wait_until(lambda: frame in _frames(tcp), 20, what="the same frame at the TCP client")
+    finally:
+        client.disconnectServer()
