@@ -212,7 +212,7 @@ def test_a_local_client_that_stops_reading_gives_up_its_queued_buffers(gw) -> No
 
 def test_to_attached_closes_what_it_made_when_a_later_blob_fails() -> None:
     before = memfds()
-    with pytest.raises(ValueError):
+    with pytest.raises(sharedblob.SharedBufferError):
         sharedblob.to_attached(b64blob(base64.b64encode(b"x" * 1000), b"abcde"))  # the 2nd: bad padding
     assert memfds() == before
 

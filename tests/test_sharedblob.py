@@ -117,3 +117,22 @@ def test_a_queue_passes_buffers_with_their_message_and_gives_them_up() -> None:
     assert dropped.fd == -1
     ours.close()
     theirs.close()
+
+
+def test_take_inlines_for_a_consumer_that_wants_it_and_says_done_in_every_case() -> None:
+    import logging
+
+    from fakes import FakeBackbone
+
+    from indibroker.broker import wire
+    from indibroker.broker.ratelog import RateLimitedLog
+
+    warn = RateLimitedLog(logging.getLogger("test"))
+    payload, fds = _shared_message([b"frame bytes"], 10)
+    backbone = FakeBackbone()
+    inlined = sharedblob.take(payload, "CCD", True, backbone, warn, "snoopers")
+    assert base64.b64decode(etree.fromstring(inlined)[0].text or "") == b"frame bytes"
+    assert sharedblob.take(payload, "CCD", False, backbone, warn, "snoopers") == b""  # not wanted
+    os.close(fds[0])
+    assert sharedblob.take(payload, "CCD", True, backbone, warn, "snoopers") == b""  # gone
+    assert [(m.verb, m.device, m.flags) for m in backbone.sent] == [(wire.FLOW, "CCD", wire.FLOW_DONE)] * 3

@@ -21,7 +21,6 @@ in bytes, so a driver that stops reading cannot grow our memory or block anyone 
 
 from __future__ import annotations
 
-import base64
 import collections
 import logging
 import os
@@ -421,7 +420,7 @@ class ExDriverWorker(Worker):
                                        driver.held_count)
                 for one, fd, size in zip(attached, fds, sizes, strict=True):
                     del one.attrib["attached"]
-                    one.text = base64.b64encode(os.pread(fd, size, 0)).decode("ascii") if size else ""
+                    one.text = sharedblob.b64encode(os.pread(fd, size, 0)).decode("ascii") if size else ""
                 for fd in fds:
                     os.close(fd)
                 return Element(etree.tostring(el.root), el.root)
@@ -538,7 +537,7 @@ class ExDriverWorker(Worker):
         elif (verb in wire.DRIVER_OUTPUT or verb == wire.SNOOP) and device:
             blob = flags == wire.FLAG_BLOB
             if flags == wire.FLAG_SHARED:  # snooped from a libindi driver: in base64 for ours
-                payload = self._take_shared(device, payload)
+                payload = sharedblob.take(payload, device, True, self.backbone, self._warn, "snooping drivers")
                 if not payload:
                     return
                 blob = True
@@ -572,13 +571,6 @@ class ExDriverWorker(Worker):
             self._warn.warning("stale", "closed %d BLOB buffer(s) no DONE came for in %.0f s", closed, HELD_MAX_AGE)
         if any(d.held_count for d in self.drivers.values()):
             self._stale_timer = self.reactor.call_later(HELD_CHECK, self._close_stale)
-
-    def _take_shared(self, device: str, payload: bytes) -> bytes:
-        """A shared BLOB sent to us: in base64, and DONE said (its owner may close its buffers);
-        b"" if it cannot be had."""
-        inlined = sharedblob.inline(payload, device, self._warn, "snooping drivers")
-        self.backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)
-        return inlined
 
     def _owner(self, device: str) -> Driver | None:
         for driver in self.drivers.values():

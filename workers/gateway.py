@@ -22,8 +22,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from lxml import etree
-
 from indibroker.broker import wire
 from indibroker.broker.ratelog import RateLimitedLog
 from indibroker.workers import indi, sharedblob
@@ -118,16 +116,21 @@ class Gateway(Worker):
             deliver(client, notice, False)
 
     def status(self) -> dict[str, Any]:
-        clients = list(self.clients.values())
         device = {"server_device": self.server_device.status()} if self.server_device is not None else {}
         return {
             **device,
-            "clients": len(clients),
-            "peers": sorted(c.peer for c in clients),
-            # For the server device (as of this file's last write: connections and drops write it).
-            "connections": [{"address": c.peer, "queued": c.out.bytes + c.out.held if c.out else 0,
-                             "blobs_dropped": c.blobs_dropped} for c in clients[:STATUS_CONNECTIONS]],
+            "clients": len(self.clients),
+            "peers": sorted(c.peer for c in self.clients.values()),
+            # For the server device (as of this file's last write: connections and drops write
+            # it, and so does a change of these figures, `_refresh_connections`).
+            "connections": [{"address": peer, "queued": queued, "blobs_dropped": dropped}
+                            for peer, queued, dropped in self._connection_figures()],
         }
+
+    def _connection_figures(self) -> list[tuple[str, int, int]]:
+        """Each client's address, bytes queued for it (its shared buffers' too), BLOBs dropped."""
+        return [(c.peer, c.out.bytes + c.out.held if c.out else 0, c.blobs_dropped)
+                for c in list(self.clients.values())[:STATUS_CONNECTIONS]]
 
     def _refresh_connections(self) -> None:
         """Clients' queues and drops change with every message: the status file (which the
@@ -136,8 +139,7 @@ class Gateway(Worker):
         self.reactor.call_later(CONNECTIONS_REFRESH, self._refresh_connections)
         if not self.clients:
             return
-        figures = [(c.fd, c.out.bytes if c.out else 0, c.blobs_dropped)
-                   for c in list(self.clients.values())[:STATUS_CONNECTIONS]]
+        figures = self._connection_figures()
         if figures != self._connections_written:
             self._connections_written = figures
             self.status_changed()
@@ -282,20 +284,19 @@ class Gateway(Worker):
             return
         try:
             blob = sharedblob.resolve(payload)
-        except (sharedblob.SharedBufferError, OSError, etree.XMLSyntaxError) as exc:
+            try:
+                deliver = self.connections.deliver
+                attached = blob.attached_form() if any(c.local for c in takers) else b""
+                for client in takers:
+                    if client.local:
+                        deliver(client, attached, True, blob.buffers)
+                    else:
+                        deliver(client, blob.inline_form(), True)
+            finally:
+                blob.release()
+        except sharedblob.SharedBufferError as exc:
             self._refusals.warning(("shared", device), "a BLOB of %s is lost for %d client(s): %s",
                                    device, len(takers), exc)
-            return
-        try:
-            deliver = self.connections.deliver
-            attached = blob.attached_form() if any(c.local for c in takers) else b""
-            for client in takers:
-                if client.local:
-                    deliver(client, attached, True, blob.buffers)
-                else:
-                    deliver(client, blob.inline_form(), True)
-        finally:
-            blob.release()
 
     def _deliver_attached(self, device: str, payload: bytes, takers: list[Client]) -> None:
         """A BLOB in base64 with local-socket clients among its takers: decoded once into
@@ -303,7 +304,7 @@ class Gateway(Worker):
         deliver = self.connections.deliver
         try:
             attached, buffers = sharedblob.to_attached(payload)
-        except (OSError, ValueError, etree.XMLSyntaxError) as exc:
+        except sharedblob.SharedBufferError as exc:
             self._refusals.warning(("to-attached", device), "a BLOB of %s cannot be passed to local "
                                    "clients as a buffer (%s): sent in base64", device, exc)
             attached, buffers = payload, []

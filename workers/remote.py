@@ -238,7 +238,8 @@ class RemoteBridge(Worker):
     # -- us → remote ------------------------------------------------------------------------
     def on_backbone(self, verb: bytes, device: str, name: str, flags: bytes, payload: bytes) -> None:
         if flags == wire.FLAG_SHARED:  # a libindi driver's BLOB, for the remote's snoopers
-            payload = self._take_shared(device, payload)
+            going_up = self.connected and self.upstream.queued < UPSTREAM_QUEUE_BYTES // 2
+            payload = sharedblob.take(payload, device, going_up, self.backbone, _warn, "the remote's snoopers")
             if not payload:
                 return
         if not self.connected:
@@ -258,14 +259,6 @@ class RemoteBridge(Worker):
                 # a device-less one: in a cycle of servers, that would come back to us forever.
                 for known in sorted(self.devices):
                     self._up(indi.get_properties(known))
-
-    def _take_shared(self, device: str, payload: bytes) -> bytes:
-        """A shared BLOB sent to us: in base64 if it is going up, and DONE said either way (its
-        owner may close its buffers); b"" if it is not going up or cannot be had."""
-        going_up = self.connected and self.upstream.queued < UPSTREAM_QUEUE_BYTES // 2
-        inlined = sharedblob.inline(payload, device, _warn, "the remote's snoopers") if going_up else b""
-        self.backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)
-        return inlined
 
     def _up(self, data: bytes) -> None:
         """To the remote server, while connected (bounded: past UPSTREAM_QUEUE_BYTES it is dropped)."""

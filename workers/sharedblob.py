@@ -22,6 +22,7 @@ What each peer then receives, as indiserver sends it:
 from __future__ import annotations
 
 import binascii
+import copy
 import fcntl
 import functools
 import logging
@@ -29,13 +30,17 @@ import mmap
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
+from indibroker.broker import wire
 from indibroker.broker.ratelog import RateLimitedLog
 
-_b64encode: Callable[[Any], bytes]
+if TYPE_CHECKING:
+    from indibroker.workers.backbone import BackboneLink
+
+_b64encode: Callable[[Any], bytes]  # also `b64encode`: for the driver worker's own base64
 _b64decode: Callable[[Any], bytes]
 try:  # SIMD base64 (x86-64 and arm64 wheels): 16 times binascii's speed on a 1.3 MB frame
     import pybase64
@@ -46,7 +51,7 @@ except ImportError:  # elsewhere, the standard library's
     _b64decode = binascii.a2b_base64
 
 __all__ = ["SHARED_ATTR", "SharedBufferError", "SharedFd", "SharedBlob", "reference", "resolve",
-           "inline", "to_attached"]
+           "take", "to_attached", "b64encode"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,9 @@ _MARKS = re.compile(re.escape(_MARK).encode() + rb"(\d+)@")
 
 
 class SharedBufferError(Exception):
-    """A shared buffer that cannot be had (its owner died or closed it, or a bad reference)."""
+    """A shared BLOB that cannot be had: a buffer gone (its owner died or closed it), a bad
+    reference, a message that does not parse, a buffer that cannot be mapped. Every failure of
+    `resolve`, `SharedBlob.inline_form` and `to_attached` is this one."""
 
 
 def reference(fd: int) -> str:
@@ -131,7 +138,7 @@ class SharedBlob:
         """The message with every shared BLOB in base64, as indiserver sends an attached BLOB
         to a TCP client (made once, then the same bytes for every taker)."""
         if self._inline is None:
-            root = etree.fromstring(etree.tostring(self.root))  # the attached form stays as it is
+            root = copy.deepcopy(self.root)  # the attached form stays as it is
             encoded: list[bytes] = []
             buffers = iter(self.buffers)
             for one in root:
@@ -151,7 +158,7 @@ class SharedBlob:
     def attached_form(self) -> bytes:
         """The message for a local-socket client: `attached="true"` oneBLOBs (its buffers go
         beside it, in the same order)."""
-        root = etree.fromstring(etree.tostring(self.root))
+        root = copy.deepcopy(self.root)
         for one in root:
             if one.attrib.pop(SHARED_ATTR, ""):
                 one.text = None
@@ -161,14 +168,17 @@ class SharedBlob:
 def _encode(buffer: SharedFd) -> bytes:
     if buffer.size == 0:
         return b""
-    with mmap.mmap(buffer.fd, buffer.size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
-        return _b64encode(view)
+    try:
+        with mmap.mmap(buffer.fd, buffer.size, mmap.MAP_SHARED, mmap.PROT_READ) as view:
+            return _b64encode(view)
+    except OSError as exc:
+        raise SharedBufferError(f"buffer cannot be mapped ({exc.strerror or exc})") from None
 
 
 def resolve(payload: bytes) -> SharedBlob:
     """Open the shared buffers a message names; SharedBufferError if any is gone (those opened
     are closed again)."""
-    root = etree.fromstring(payload, _PARSER)
+    root = _parse(payload)
     buffers: list[SharedFd] = []
     try:
         for one in root:
@@ -182,31 +192,53 @@ def resolve(payload: bytes) -> SharedBlob:
     return SharedBlob(root, buffers)
 
 
-def inline(payload: bytes, device: str, warn: RateLimitedLog, whom: str) -> bytes:
-    """A message with shared buffers, in base64 (for a snooping driver or a bridge); b"" if its
-    buffers cannot be had (said in `warn`, rate-limited, naming `whom` loses it)."""
+def b64encode(data: Any) -> bytes:
+    """Base64, the fast one where there is one (a driver's BLOB sent in base64 from its buffer)."""
+    return _b64encode(data)
+
+
+def _parse(payload: bytes) -> etree._Element:
     try:
+        return etree.fromstring(payload, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise SharedBufferError(f"message does not parse ({exc})") from None
+
+
+def take(payload: bytes, device: str, wanted: bool, backbone: BackboneLink, warn: RateLimitedLog,
+         whom: str) -> bytes:
+    """A shared BLOB sent to a consumer that is not a gateway (a snooping driver's worker, a
+    bridge): in base64 if `wanted`, else b"" (also when its buffers cannot be had: said in
+    `warn`, rate-limited, naming `whom`). DONE is said either way: the broker counted this
+    consumer, and the owner closes its buffers once every one has."""
+    try:
+        if not wanted:
+            return b""
         blob = resolve(payload)
-    except (SharedBufferError, OSError, etree.XMLSyntaxError) as exc:
+        try:
+            return blob.inline_form()
+        finally:
+            blob.release()
+    except SharedBufferError as exc:
         warn.warning(("shared", device), "a BLOB of %s is lost for %s: %s", device, whom, exc)
         return b""
-    try:
-        return blob.inline_form()
     finally:
-        blob.release()
+        backbone.send(wire.FLOW, device, "", wire.FLOW_DONE)
 
 
 def to_attached(payload: bytes) -> tuple[bytes, list[SharedFd]]:
     """A setBLOBVector in base64, for a local-socket client: each BLOB decoded once into a new
     sealed memory buffer, the message in its attached form (as indiserver converts it)."""
-    root = etree.fromstring(payload, _PARSER)
+    root = _parse(payload)
     buffers: list[SharedFd] = []
     try:
         for one in root:
             if one.get("attached") == "true" or not (one.text or "").strip():
                 continue
-            data = _b64decode(one.text or "")
-            buffers.append(_memfd(data))
+            try:
+                data = _b64decode(one.text or "")
+                buffers.append(_memfd(data))
+            except (ValueError, OSError) as exc:
+                raise SharedBufferError(f"BLOB {one.get('name')} cannot be made a buffer ({exc})") from None
             one.text = None
             one.attrib.pop("enclen", "")
             one.set("attached", "true")
