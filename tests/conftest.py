@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import Broker
@@ -37,3 +38,31 @@ def broker_factory(tmp_path: Path) -> Iterator:
     for b in made:
         if b.proc is not None and b.proc.poll() is None:
             b.__exit__(None, None, None)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> dict[str, str]:
+    """Drivers keep config in $HOME/.indi: give each test a clean one."""
+    path = tmp_path / "home"
+    path.mkdir(exist_ok=True)
+    return {"HOME": str(path)}
+
+
+@pytest.fixture
+def run(broker_factory: Callable[..., Broker], home: dict[str, str]) -> Iterator[Callable[..., Broker]]:
+    """broker_factory with a private HOME; afterwards every instance must stop cleanly and leave
+    no process behind."""
+    made: list[Broker] = []
+
+    def make(*args: str, **kw: Any) -> Broker:
+        kw.setdefault("env", home)
+        b = broker_factory(*args, **kw)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        if b.proc is not None and b.proc.poll() is None:
+            assert b.stop() == 0, b.log()
+        left = b.leftovers()
+        assert left == [], [p.cmdline() for p in left]

@@ -38,14 +38,6 @@ CCD_MARK = ("ACTIVE_DEVICES", "ACTIVE_SKYQUALITY")
 SCOPE_MARK = ("ACTIVE_DEVICES", "ACTIVE_GPS")
 
 
-@pytest.fixture
-def home(tmp_path):
-    """Drivers keep config in $HOME/.indi: give each test a clean one."""
-    path = tmp_path / "home"
-    path.mkdir()
-    return {"HOME": str(path)}
-
-
 def names(props: dict[str, str]) -> set[str]:
     return {".".join(k.split(".")[:2]) for k in props}
 

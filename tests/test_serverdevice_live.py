@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,26 +21,6 @@ DEV = "indibroker"
 CCD, SCOPE = "CCD Simulator", "Telescope Simulator"
 CCD_DRV, SCOPE_DRV = "indi_simulator_ccd", "indi_simulator_telescope"
 SIMS = ("--exdriver", SCOPE_DRV, "--exdriver", CCD_DRV)
-
-
-@pytest.fixture
-def run(broker_factory: Callable[..., Broker], tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """broker_factory with a private HOME (simulators keep config there); afterwards every
-    instance must stop cleanly and leave no process."""
-    home = tmp_path / "home"
-    home.mkdir()
-    made: list[Broker] = []
-
-    def make(*args: str, **kw: Any) -> Broker:
-        b = broker_factory(*args, env={"HOME": str(home)}, **kw)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        if b.proc is not None and b.proc.poll() is None:
-            assert b.stop() == 0, b.log()
-        assert b.leftovers() == []
 
 
 def watcher(port: int, source: str | None = None) -> RawClient:

@@ -42,33 +42,6 @@ HUNG = "Hung Device"
 
 
 # -- helpers ---------------------------------------------------------------------------------
-@pytest.fixture
-def home(tmp_path: Path) -> dict[str, str]:
-    """Drivers keep config in $HOME/.indi: give each test a clean one."""
-    path = tmp_path / "home"
-    path.mkdir()
-    return {"HOME": str(path)}
-
-
-@pytest.fixture
-def run(broker_factory: Callable[..., Broker], home: dict[str, str]) -> Iterator[Callable[..., Broker]]:
-    """broker_factory with a private HOME; afterwards every instance must stop and leave nothing."""
-    made: list[Broker] = []
-
-    def make(*args: str, **kw: Any) -> Broker:
-        kw.setdefault("env", home)
-        b = broker_factory(*args, **kw)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        if b.proc is not None and b.proc.poll() is None:
-            assert b.stop() == 0, b.log()
-        left = b.leftovers()
-        assert left == [], [p.cmdline() for p in left]
-
-
 def finish(b: Broker) -> None:
     """Stop with SIGTERM: a clean exit and not one process of the tree left behind."""
     b.tree()
